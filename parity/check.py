@@ -1,0 +1,355 @@
+"""Prove a Flax net and its torch twin compute the same function, and say where they do not.
+
+``check_net`` draws random torch weights (BatchNorm statistics included, so eval mode is not
+an identity), converts them and compares: parameter count, output shape, eval logits,
+train-mode logits + updated BN statistics after one forward, cross-entropy gradients of every
+parameter, and the torch -> flax -> torch round trip. When eval logits differ,
+``first_divergence`` names the first layer whose activations differ.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+from collections import OrderedDict
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import torch
+from flax import nnx
+
+import flaxnets
+import torch_ref
+from parity.convert import flax_to_torch, to_numpy_state_dict, torch_to_flax
+
+LOGIT_RTOL = 1e-5  # max|Δ| ≤ LOGIT_RTOL·max(1, max|logits|), CPU fp32
+GRAD_RTOL = 1e-4  # per parameter: max|Δg| ≤ GRAD_RTOL·max|g|, see grad_rel_delta
+BN_STAT_KEYS = ("running_mean", "running_var", "num_batches_tracked")
+
+
+# --------------------------------------------------------------------------- small helpers
+def scaled_delta(a: np.ndarray, b: np.ndarray) -> float:
+    """max|a-b| / max(1, max|a|): the logit comparison of the issue, as one number vs LOGIT_RTOL."""
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.max(np.abs(a - b)) / max(1.0, float(np.max(np.abs(a)))))
+
+
+def grad_rel_delta(g_torch: np.ndarray, g_flax: np.ndarray, floor: float) -> float:
+    """max|Δg| / max(max|g_torch|, floor) for one parameter.
+
+    ``floor`` (1e-6 of the largest gradient of the net) keeps parameters whose gradient is
+    essentially zero on both sides from dividing rounding noise by ~0.
+    """
+    scale = max(float(np.max(np.abs(g_torch))) if g_torch.size else 0.0, floor)
+    return float(np.max(np.abs(g_torch.astype(np.float64) - g_flax))) / scale if scale > 0 else 0.0
+
+
+def nchw_to_nhwc(x: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(np.transpose(x, (0, 2, 3, 1)))
+
+
+def count_params(model: nnx.Module) -> int:
+    """Trainable parameters of a Flax model (``nnx.Param`` leaves)."""
+    return int(sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param))))
+
+
+def randomize_torch(model: torch.nn.Module, seed: int) -> None:
+    """Give BatchNorm affine params and running stats random values (else eval BN ≈ identity)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+                n = m.num_features
+                m.weight.copy_(0.5 + torch.rand(n, generator=g))
+                m.bias.copy_(0.1 * torch.randn(n, generator=g))
+                m.running_mean.copy_(0.1 * torch.randn(n, generator=g))
+                m.running_var.copy_(0.5 + torch.rand(n, generator=g))
+                m.num_batches_tracked.fill_(int(torch.randint(0, 1000, (1,), generator=g)))
+
+
+def _dropout_off(tmodel: torch.nn.Module, fmodel: nnx.Module) -> None:
+    """Disable dropout in train mode on both sides: their random streams cannot agree."""
+    for m in tmodel.modules():
+        if isinstance(m, torch.nn.modules.dropout._DropoutNd):
+            m.eval()
+    for _, m in nnx.iter_modules(fmodel):
+        if isinstance(m, nnx.Dropout):
+            m.deterministic = True
+
+
+# --------------------------------------------------------------------------- layer-by-layer
+@contextlib.contextmanager
+def _capture_flax(model: nnx.Module) -> Iterator[OrderedDict[str, jax.Array]]:
+    """Record every submodule's output by module path while the model runs eagerly.
+
+    Patches ``__call__`` on the classes used in the model for the duration of the block; a
+    subclass calling ``super().__call__`` overwrites the entry with its own, final output.
+    """
+    paths = {id(m): ".".join(map(str, p)) for p, m in nnx.iter_modules(model) if p}
+    classes = {c for _, m in nnx.iter_modules(model) for c in type(m).__mro__ if "__call__" in c.__dict__}
+    classes.discard(nnx.Module)
+    captured: OrderedDict[str, jax.Array] = OrderedDict()
+    originals = {c: c.__dict__["__call__"] for c in classes}
+
+    def wrap(orig):
+        def call(self, *args, **kwargs):
+            out = orig(self, *args, **kwargs)
+            path = paths.get(id(self))
+            if path is not None and isinstance(out, jax.Array):
+                captured.pop(path, None)
+                captured[path] = out
+            return out
+        return call
+
+    try:
+        for c, orig in originals.items():
+            setattr(c, "__call__", wrap(orig))
+        yield captured
+    finally:
+        for c, orig in originals.items():
+            setattr(c, "__call__", orig)
+
+
+def _capture_torch(model: torch.nn.Module, x: torch.Tensor) -> OrderedDict[str, np.ndarray]:
+    """Every named submodule's output (cloned: DenseNet's in-place ReLUs overwrite them)."""
+    captured: OrderedDict[str, np.ndarray] = OrderedDict()
+    hooks = []
+    for name, m in model.named_modules():
+        if not name:
+            continue
+
+        def hook(_m, _inp, out, name=name):
+            if isinstance(out, torch.Tensor):
+                captured.pop(name, None)
+                captured[name] = out.detach().clone().numpy()
+
+        hooks.append(m.register_forward_hook(hook))
+    try:
+        with torch.no_grad():
+            model(x)
+    finally:
+        for h in hooks:
+            h.remove()
+    return captured
+
+
+@dataclass
+class LayerDelta:
+    """One layer's activation comparison."""
+
+    path: str
+    kind: str
+    shape: tuple[int, ...]
+    delta: float  # max|Δ| / max(1, max|torch activation|)
+
+    @property
+    def ok(self) -> bool:
+        return self.delta <= LOGIT_RTOL
+
+
+def layer_deltas(tmodel: torch.nn.Module, fmodel: nnx.Module, x_nchw: np.ndarray) -> list[LayerDelta]:
+    """Per-layer activation differences in torch execution order (both models as they are set)."""
+    t_acts = _capture_torch(tmodel, torch.from_numpy(x_nchw))
+    with _capture_flax(fmodel) as f_acts:
+        fmodel(jnp.asarray(nchw_to_nhwc(x_nchw)))
+    kinds = dict((n, type(m).__name__) for n, m in tmodel.named_modules())
+    rows = []
+    for path, t in t_acts.items():
+        f = f_acts.get(path)
+        if f is None:
+            continue
+        f = np.asarray(f)
+        if f.ndim == 4:
+            f = np.transpose(f, (0, 3, 1, 2))
+        if f.shape != t.shape:
+            rows.append(LayerDelta(path, kinds[path], t.shape, float("inf")))
+            continue
+        rows.append(LayerDelta(path, kinds[path], t.shape, scaled_delta(t, f)))
+    return rows
+
+
+def first_divergence(tmodel: torch.nn.Module, fmodel: nnx.Module, x_nchw: np.ndarray) -> LayerDelta | None:
+    """The first layer (torch execution order) whose activations exceed the tolerance, or None."""
+    return next((row for row in layer_deltas(tmodel, fmodel, x_nchw) if not row.ok), None)
+
+
+# --------------------------------------------------------------------------- the check
+@dataclass
+class ParityResult:
+    """Everything ``check_net`` measured for one net."""
+
+    name: str
+    expected_params: int
+    torch_params: int = 0
+    flax_params: int = 0
+    output_shape: tuple[int, ...] = ()
+    expected_shape: tuple[int, ...] = ()
+    logits_delta: float = float("nan")
+    train_logits_delta: float = float("nan")
+    bn_stats_delta: float = float("nan")
+    grads_delta: float = float("nan")
+    worst_grad: str = ""
+    roundtrip_exact: bool = False
+    divergence: LayerDelta | None = None
+    failures: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.failures
+
+
+def _ce_loss(model: nnx.Module, x: jax.Array, y: jax.Array) -> jax.Array:
+    return optax.softmax_cross_entropy_with_integer_labels(model(x), y).mean()
+
+
+def _forward(model: nnx.Module, x: jax.Array) -> jax.Array:
+    return model(x)
+
+
+def _grads(model: nnx.Module, x: jax.Array, y: jax.Array) -> nnx.State:
+    return nnx.grad(_ce_loss)(model, x, y)
+
+
+def _call(fn, jit: bool, *args):
+    # Eager JAX compiles one small program per op and shape: for DenseNet (a new channel count
+    # in every layer) that took 128 s for one gradient against 40 s jitted (measured, 2-core
+    # CPU). ResNets repeat shapes, so eager is cheap for them and avoids compiling 1202 layers.
+    return nnx.jit(fn)(*args) if jit else fn(*args)
+
+
+def _to_float64(model: nnx.Module) -> nnx.Module:
+    """A float64 copy of a Flax model (call under ``jax.enable_x64``)."""
+    model = nnx.clone(model)
+    state = nnx.state(model)
+    nnx.update(model, jax.tree.map(
+        lambda a: a.astype(jnp.float64) if jnp.issubdtype(a.dtype, jnp.floating) else a, state))
+    return model
+
+
+def check_net(name: str, seed: int = 0, batch: int = 2, input_shape: tuple[int, int, int] | None = None,
+              jit: bool | None = None, **kw) -> ParityResult:
+    """Run every parity check of the issue on net ``name`` with random weights; never raises on
+    a mismatch, it records it in ``failures``."""
+    spec = flaxnets.get_spec(name)
+    h, w, c = input_shape or spec.check_shape
+    jit = spec.module == "densenet" if jit is None else jit
+    res = ParityResult(name, spec.params)
+    torch.manual_seed(seed)
+    tmodel = torch_ref.create(name, **kw)
+    randomize_torch(tmodel, seed)
+    sd = tmodel.state_dict()
+    fmodel = torch_to_flax(name, sd, **kw)
+
+    res.torch_params = sum(p.numel() for p in tmodel.parameters())
+    res.flax_params = count_params(fmodel)
+    if not res.torch_params == res.flax_params == spec.params:
+        res.failures.append(f"params torch {res.torch_params:,} flax {res.flax_params:,} "
+                            f"registry {spec.params:,}")
+
+    rng = np.random.RandomState(seed)
+    x = rng.randn(batch, c, h, w).astype(np.float32)
+    y = rng.randint(0, spec.num_classes, size=batch)
+    x_t, x_f = torch.from_numpy(x), jnp.asarray(nchw_to_nhwc(x))
+
+    # eval mode
+    tmodel.eval()
+    fmodel.eval()
+    with torch.no_grad():
+        lt = tmodel(x_t).numpy()
+    lf = np.asarray(_call(_forward, jit, fmodel, x_f))
+    res.output_shape, res.expected_shape = lf.shape, (batch, spec.num_classes)
+    if lf.shape != lt.shape or lf.shape != res.expected_shape:
+        res.failures.append(f"output shape flax {lf.shape} torch {lt.shape} expected {res.expected_shape}")
+    else:
+        res.logits_delta = scaled_delta(lt, lf)
+        if res.logits_delta > LOGIT_RTOL:
+            res.failures.append(f"eval logits Δ {res.logits_delta:.2e} > {LOGIT_RTOL:.0e}")
+            res.divergence = first_divergence(tmodel, fmodel, x)
+
+    # train mode: one forward, dropout off on both sides (their random streams cannot agree)
+    tmodel.train()
+    fmodel.train()
+    _dropout_off(tmodel, fmodel)
+    t64, f_pre = copy.deepcopy(tmodel).double(), nnx.clone(fmodel)  # states before the forward
+    with torch.no_grad():
+        out_t = tmodel(x_t).numpy()
+    if jit:
+        # nnx.jit writes the BN updates back to the module, as the eager call does
+        out_f = np.asarray(nnx.jit(_forward)(fmodel, x_f))
+    else:
+        out_f = np.asarray(fmodel(x_f))
+    res.train_logits_delta = scaled_delta(out_t, out_f)
+    if res.train_logits_delta > LOGIT_RTOL:
+        res.failures.append(f"train logits Δ {res.train_logits_delta:.2e} > {LOGIT_RTOL:.0e}")
+    f_sd = to_numpy_state_dict(fmodel)
+    t_sd = {k: v.numpy() for k, v in tmodel.state_dict().items()}
+    stat_keys = [k for k in t_sd if k.endswith(BN_STAT_KEYS)]
+    res.bn_stats_delta = max((scaled_delta(t_sd[k], f_sd[k]) for k in stat_keys), default=0.0)
+    if res.bn_stats_delta > LOGIT_RTOL:
+        res.failures.append(f"BN running stats Δ {res.bn_stats_delta:.2e} > {LOGIT_RTOL:.0e}")
+
+    # Gradients in float64 on both sides. In float32, DenseNet's train-mode gradients are
+    # ill-conditioned: torch's own float32 gradients differ from its float64 ones by up to 23 %
+    # (densenet121_se, batch 2, 64×64), so a float32 comparison would test rounding, not the
+    # conversion. In float64 a real difference still shows; rounding does not.
+    t64.zero_grad()
+    torch.nn.functional.cross_entropy(t64(x_t.double()), torch.from_numpy(y)).backward()
+    with jax.enable_x64(True):
+        f64 = _to_float64(f_pre)
+        grads = _call(_grads, jit, f64, jnp.asarray(x_f, jnp.float64), jnp.asarray(y))
+        nnx.update(f64, grads)  # the converter brings the gradients to torch layout
+        g_f = to_numpy_state_dict(f64)
+    g_t = {n: p.grad.numpy() for n, p in t64.named_parameters()}
+    floor = 1e-6 * max(float(np.max(np.abs(g))) for g in g_t.values())
+    rel = {n: grad_rel_delta(g, g_f[n], floor) for n, g in g_t.items()}
+    res.worst_grad, res.grads_delta = max(rel.items(), key=lambda kv: kv[1])
+    if res.grads_delta > GRAD_RTOL:
+        res.failures.append(f"gradient of {res.worst_grad} rel Δ {res.grads_delta:.2e} > {GRAD_RTOL:.0e}")
+
+    # torch -> flax -> torch round trip, bit for bit
+    back = flax_to_torch(torch_to_flax(name, sd, **kw))
+    res.roundtrip_exact = list(sorted(back)) == list(sorted(sd)) and all(
+        back[k].dtype == sd[k].dtype and back[k].shape == sd[k].shape and torch.equal(back[k], sd[k])
+        for k in sd)
+    if not res.roundtrip_exact:
+        res.failures.append("torch→flax→torch round trip is not bit-exact")
+    return res
+
+
+def check_torchvision_densenet121(seed: int = 0, batch: int = 2, size: int = 64) -> ParityResult:
+    """torchvision's own densenet121 ``state_dict`` (half its keys in the old ``norm.1`` style)
+    converts into ``flaxnets`` densenet121 and gives torchvision's eval logits."""
+    import torchvision
+
+    res = ParityResult("densenet121 (torchvision)", flaxnets.get_spec("densenet121").params)
+    torch.manual_seed(seed)
+    tv = torchvision.models.densenet121(weights=None)
+    randomize_torch(tv, seed)
+    tv.eval()
+    sd = OrderedDict()
+    for i, (k, v) in enumerate(tv.state_dict().items()):
+        old = k.replace(".norm1.", ".norm.1.").replace(".conv2.", ".conv.2.")
+        sd[old if i % 2 else k] = v  # published checkpoints spell DenseLayer children norm.1, conv.2
+    fmodel = torch_to_flax("densenet121", sd)
+    fmodel.eval()
+    res.torch_params = sum(p.numel() for p in tv.parameters())
+    res.flax_params = count_params(fmodel)
+    if not res.torch_params == res.flax_params == res.expected_params:
+        res.failures.append("parameter counts differ")
+    x = np.random.RandomState(seed).randn(batch, 3, size, size).astype(np.float32)
+    with torch.no_grad():
+        lt = tv(torch.from_numpy(x)).numpy()
+    lf = np.asarray(fmodel(jnp.asarray(nchw_to_nhwc(x))))
+    res.output_shape = res.expected_shape = lt.shape
+    res.logits_delta = scaled_delta(lt, lf)
+    if res.logits_delta > LOGIT_RTOL:
+        res.failures.append(f"eval logits Δ {res.logits_delta:.2e} > {LOGIT_RTOL:.0e}")
+    back = flax_to_torch(fmodel)
+    res.roundtrip_exact = all(torch.equal(back[k], v) for k, v in tv.state_dict().items())
+    if not res.roundtrip_exact:
+        res.failures.append("flax_to_torch does not give torchvision's state_dict back")
+    return res

@@ -146,9 +146,12 @@ class BatchNorm2d(nnx.Module):
             n = x.size // x.shape[-1]
             m = self.momentum
             unbiased = var * (n / max(n - 1, 1))
-            self.mean[...] = (1 - m) * self.mean[...] + m * jax.lax.stop_gradient(mean)
-            self.var[...] = (1 - m) * self.var[...] + m * jax.lax.stop_gradient(unbiased)
-            self.num_batches_tracked[...] = self.num_batches_tracked[...] + 1
+            # set_value, not `v[...] = x`: under tracing flax 0.12's __setitem__ probes the
+            # tracer's .sharding, whose error message walks the whole jaxpr -- quadratic in
+            # depth (resnet1202's eval_shape did not finish in 10 minutes).
+            self.mean.set_value((1 - m) * self.mean[...] + m * jax.lax.stop_gradient(mean))
+            self.var.set_value((1 - m) * self.var[...] + m * jax.lax.stop_gradient(unbiased))
+            self.num_batches_tracked.set_value(self.num_batches_tracked[...] + 1)
         inv = jax.lax.rsqrt(var + self.eps) * self.scale[...]
         return (x - mean) * inv + self.bias[...]
 

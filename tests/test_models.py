@@ -1,0 +1,160 @@
+"""The zoo's facts: parameter counts, output shapes, init distributions, train/eval behaviour."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from flax import nnx
+
+import flaxnets
+import torch_ref
+import torch_ref.layers
+from flaxnets.layers import Conv2D, corr2d
+from parity.check import count_params
+from parity.convert import to_numpy_state_dict
+
+# the issue's table, written out again on purpose: the registry must agree with it
+PARAMS = {
+    "lenet": 44_426, "dilated": 170_314, "net": 18_090, "net_width": 38_386, "net_dropout": 38_386,
+    "net_batchnorm": 38_482, "resnet20": 269_722, "resnet32": 464_154, "resnet44": 658_586,
+    "resnet56": 853_018, "resnet110": 1_727_962, "resnet1202": 19_421_274, "densenet121": 7_978_856,
+    "densenet169": 14_149_480, "densenet201": 20_013_928, "densenet121_se": 7_218_050,
+}
+
+
+def test_registry_lists_every_net_of_the_table():
+    assert flaxnets.list_nets() == list(PARAMS)
+
+
+@pytest.mark.parametrize("name", list(PARAMS))
+def test_parameter_counts_and_output_shapes(name):
+    spec = flaxnets.get_spec(name)
+    fmodel = flaxnets.create(name)
+    tmodel = torch_ref.create(name)
+    assert count_params(fmodel) == PARAMS[name] == spec.params
+    assert sum(p.numel() for p in tmodel.parameters()) == PARAMS[name]
+    h, w, c = spec.input_shape
+    graphdef, state = nnx.split(fmodel)
+    out = jax.eval_shape(lambda s, x: nnx.merge(graphdef, s)(x), state, jax.ShapeDtypeStruct((3, h, w, c), jnp.float32))
+    assert out.shape == (3, spec.num_classes) and out.dtype == jnp.float32
+
+
+@pytest.mark.parametrize("name", ["lenet", "net_batchnorm", "resnet20", "densenet121_se"])
+def test_num_classes_is_a_constructor_argument(name):
+    h, w, c = flaxnets.get_spec(name).check_shape
+    fmodel = flaxnets.create(name, num_classes=7)
+    fmodel.eval()
+    assert nnx.jit(lambda m, x: m(x))(fmodel, jnp.zeros((1, h, w, c))).shape == (1, 7)
+    assert torch_ref.create(name, num_classes=7).eval()(torch.zeros(1, c, h, w)).shape == (1, 7)
+
+
+def test_unknown_net_lists_the_valid_ones():
+    with pytest.raises(KeyError, match="valid nets: lenet, dilated"):
+        flaxnets.create("lenet5")
+    with pytest.raises(KeyError, match="unknown net 'vgg'"):
+        torch_ref.create("vgg")
+
+
+def test_resnet_option_b_has_projection_shortcuts():
+    f = flaxnets.create("resnet20", option="B")
+    t = torch_ref.create("resnet20", option="B")
+    keys = set(to_numpy_state_dict(f))
+    assert keys == set(t.state_dict())
+    assert "layer2.0.shortcut.0.weight" in keys and "layer2.0.shortcut.1.running_var" in keys
+    with pytest.raises(ValueError, match="'A' or 'B'"):
+        flaxnets.create("resnet20", option="C")
+
+
+# --------------------------------------------------------------------------- initialisation
+INIT_NETS = [("lenet", {}), ("dilated", {}), ("net_batchnorm", {}), ("resnet20", {"option": "B"}),
+             ("densenet121_se", {})]
+
+
+@pytest.mark.parametrize("name,kw", INIT_NETS)
+def test_flax_init_draws_from_the_torch_distributions(name, kw):
+    """Per parameter: same mean and std as torch's init, within sampling error (6σ)."""
+    torch.manual_seed(0)
+    t_sd = {k: v.double().numpy() for k, v in torch_ref.create(name, **kw).state_dict().items()}
+    f_sd = to_numpy_state_dict(flaxnets.create(name, seed=1, **kw))
+    assert set(t_sd) == set(f_sd)
+    checked = 0
+    for key, t in t_sd.items():
+        f = f_sd[key].astype(np.float64)
+        if t.std() == 0:  # constants (BN ones/zeros, zero biases) must be the same constants
+            np.testing.assert_array_equal(f, t, err_msg=key)
+            continue
+        if t.size < 100:
+            continue  # too few draws for a statistical comparison
+        n, sd = t.size, t.std()
+        assert abs(f.mean() - t.mean()) <= 6 * sd * np.sqrt(2 / n), key
+        assert abs(f.std() / sd - 1) <= 6 * np.sqrt(1 / n), (key, f.std(), sd)
+        checked += 1
+    assert checked >= 3
+
+
+# --------------------------------------------------------------------------- train / eval
+def test_train_and_eval_switch_dropout_like_torch():
+    model = flaxnets.create("net_dropout")
+    x = jnp.asarray(np.random.RandomState(0).rand(4, 32, 32, 3), jnp.float32)
+    model.train()
+    a, b = model(x), model(x)
+    assert not np.allclose(a, b), "dropout must be active in train mode"
+    model.eval()
+    np.testing.assert_array_equal(model(x), model(x))
+
+
+def test_batchnorm_uses_batch_stats_in_train_and_running_stats_in_eval():
+    model = flaxnets.create("net_batchnorm")
+    x = jnp.asarray(np.random.RandomState(0).rand(8, 32, 32, 3), jnp.float32)
+    model.eval()
+    before = np.array(model.conv1_batchnorm.mean[...])
+    y_eval = model(x)
+    np.testing.assert_array_equal(model.conv1_batchnorm.mean[...], before)
+    model.train()
+    y_train = model(x)
+    assert not np.allclose(y_eval, y_train)
+    assert not np.allclose(model.conv1_batchnorm.mean[...], before)
+    assert int(model.conv1_batchnorm.num_batches_tracked[...]) == 1
+
+
+def test_batchnorm_running_variance_is_unbiased_like_torch():
+    from flaxnets.layers import BatchNorm2d
+
+    x = np.random.RandomState(0).randn(2, 3, 3, 4).astype(np.float32)
+    bn = BatchNorm2d(4)
+    bn(jnp.asarray(x))
+    tbn = torch.nn.BatchNorm2d(4)
+    tbn(torch.from_numpy(x.transpose(0, 3, 1, 2)))
+    np.testing.assert_allclose(bn.var[...], tbn.running_var.numpy(), rtol=1e-6)
+    np.testing.assert_allclose(bn.mean[...], tbn.running_mean.numpy(), rtol=1e-6, atol=1e-7)
+
+
+# --------------------------------------------------------------------------- from scratch
+def test_corr2d_gives_the_notes_example():
+    X = jnp.array([[0, 1, 2], [3, 4, 5], [6, 7, 8]])
+    K = jnp.array([[0, 1], [2, 3]])
+    np.testing.assert_array_equal(corr2d(X, K), [[19.0, 25.0], [37.0, 43.0]])
+    np.testing.assert_array_equal(torch_ref.layers.corr2d(torch.tensor(X.tolist()), torch.tensor(K.tolist())),
+                                  [[19.0, 25.0], [37.0, 43.0]])
+
+
+def test_corr2d_edge_detection_matches_torch():
+    X = np.ones((6, 8), np.float32)
+    X[:, 2:6] = 0
+    K = np.array([[1.0, -1.0]], np.float32)
+    y = np.asarray(corr2d(jnp.asarray(X), jnp.asarray(K)))
+    np.testing.assert_array_equal(y, torch_ref.layers.corr2d(torch.from_numpy(X), torch.from_numpy(K)).numpy())
+    assert (y[:, 1] == 1).all() and (y[:, 5] == -1).all() and np.count_nonzero(y) == 12
+
+
+def test_conv2d_from_scratch_converts_and_matches():
+    from parity.convert import load_state_dict
+
+    torch.manual_seed(0)
+    t = torch_ref.layers.Conv2D((1, 2))
+    f = load_state_dict(Conv2D((1, 2), rngs=nnx.Rngs(0)), t.state_dict())
+    x = np.random.RandomState(0).rand(6, 8).astype(np.float32)
+    np.testing.assert_allclose(f(jnp.asarray(x)), t(torch.from_numpy(x)).detach().numpy(), rtol=1e-6)

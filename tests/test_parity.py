@@ -1,0 +1,93 @@
+"""Every net passes every parity check; the report names the first layer that diverges."""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+
+import flaxnets
+import torch_ref
+from parity.check import (check_net, check_torchvision_densenet121, first_divergence, layer_deltas,
+                          randomize_torch)
+from parity.convert import torch_to_flax
+
+
+@pytest.mark.parametrize("name", flaxnets.list_nets())
+def test_net_passes_parity(name):
+    res = check_net(name)
+    assert res.ok, res.failures
+    assert res.flax_params == res.torch_params == flaxnets.get_spec(name).params
+    assert res.roundtrip_exact
+    assert res.logits_delta <= 1e-5 and res.grads_delta <= 1e-4
+
+
+def test_torchvision_densenet121_converts_and_matches():
+    res = check_torchvision_densenet121()
+    assert res.ok, res.failures
+
+
+def test_resnet_option_b_passes_parity():
+    assert check_net("resnet20", option="B").ok
+
+
+def _pair(name):
+    torch.manual_seed(0)
+    t = torch_ref.create(name)
+    h, w, c = flaxnets.get_spec(name).check_shape
+    randomize_torch(t, 0, (h, w, c))
+    f = torch_to_flax(name, t.state_dict())
+    t.eval()
+    f.eval()
+    x = np.random.RandomState(0).randn(2, c, h, w).astype(np.float32)
+    return t, f, x
+
+
+def test_matching_models_have_no_divergent_layer():
+    t, f, x = _pair("resnet20")
+    rows = layer_deltas(t, f, x)
+    assert {"conv1", "bn1", "layer1.0.conv1", "layer3.2.bn2", "linear"} <= {r.path for r in rows}
+    assert first_divergence(t, f, x) is None
+
+
+@pytest.mark.parametrize("name,layer", [("resnet20", "layer2.1.bn1"), ("lenet", "fc.2"),
+                                        ("densenet121_se", "features.denseblock2.denselayer3.conv1")])
+def test_the_first_divergent_layer_is_named(name, layer):
+    t, f, x = _pair(name)
+    module = f
+    for part in layer.split("."):
+        module = getattr(module, part)
+    var = module.var if hasattr(module, "var") else module.kernel
+    var.set_value(var[...] * 1.5)  # a conversion bug in exactly one layer
+    hit = first_divergence(t, f, x)
+    assert hit is not None and hit.path == layer, hit
+    assert hit.delta > 1e-5
+
+
+def test_check_reports_a_broken_conversion(monkeypatch):
+    """A converter that forgets to transpose one layer must fail the check and name that layer."""
+    import parity.check as check
+    from parity.convert import torch_to_flax as real
+
+    def broken(name, sd, **kw):
+        model = real(name, sd, **kw)
+        k = model.conv2.kernel
+        k.set_value(jnp.swapaxes(k[...], 0, 1))  # H and W swapped, the classic bug
+        return model
+
+    monkeypatch.setattr(check, "torch_to_flax", broken)
+    res = check.check_net("net")
+    assert not res.ok
+    assert res.divergence is not None and res.divergence.path == "conv2"
+    assert any("eval logits" in f for f in res.failures)
+
+
+def test_parity_cli_prints_a_row_and_exit_status(capsys):
+    from scripts.parity import main
+
+    assert main(["--net", "net_batchnorm"]) == 0
+    out = capsys.readouterr().out
+    assert "| net_batchnorm | 38,482 |" in out and "PASS" in out
+    assert main(["--net", "vgg16"]) == 2
+    assert "unknown net 'vgg16'" in capsys.readouterr().err

@@ -1,0 +1,336 @@
+"""Datasets as plain numpy arrays (uint8 NHWC images, int32 labels); no jax or torch import.
+
+Sources: FashionMNIST/MNIST IDX files, CIFAR-10 python pickles, image folders, and
+tensorflow_datasets when it happens to be installed. Loaded arrays are cached as .npz under
+``~/.cache/flaxnets`` (``$FLAXNETS_CACHE`` overrides) so a second run starts in seconds.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import os
+import pickle
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+FASHION_MNIST_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
+                         "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
+CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer",
+                   "dog", "frog", "horse", "ship", "truck"]
+CIFAR2_CLASSES = ["airplane", "bird"]  # CIFAR-10 labels 0 and 2, relabelled 0 and 1
+LOCAL_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")  # Debian dataset-fashion-mnist
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp"}
+DATASETS = ("fashion_mnist", "cifar10", "cifar2", "image_folder")
+
+
+@dataclass
+class Dataset:
+    """Train and test arrays of one dataset; an empty test set means 'split the training set'."""
+
+    x_train: np.ndarray  # uint8 (N, H, W, C)
+    y_train: np.ndarray  # int32 (N,)
+    x_test: np.ndarray
+    y_test: np.ndarray
+    class_names: list[str]
+    source: str  # where the arrays came from (a path or 'tfds:<name>'), for the run config
+
+    @property
+    def num_classes(self) -> int:
+        """Number of classes (length of ``class_names``)."""
+        return len(self.class_names)
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        """(H, W, C) of one image."""
+        return tuple(self.x_train.shape[1:])  # type: ignore[return-value]
+
+
+# --------------------------------------------------------------------------- IDX (MNIST format)
+_IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
+
+
+def read_idx(path: str | os.PathLike) -> np.ndarray:
+    """Read one IDX file (optionally gzipped) into a numpy array of its stored shape."""
+    path = Path(path)
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rb") as f:
+        raw = f.read()
+    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in _IDX_DTYPES:
+        raise ValueError(f"{path} is not an IDX file (bad magic number {raw[:4].hex()})")
+    ndim = raw[3]
+    dims = tuple(int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim))
+    dtype = np.dtype(_IDX_DTYPES[raw[2]])
+    offset = 4 + 4 * ndim
+    if len(raw) - offset != int(np.prod(dims)) * dtype.itemsize:
+        raise ValueError(f"{path}: header says shape {dims} but the file holds "
+                         f"{len(raw) - offset} data bytes")
+    return np.frombuffer(raw, dtype, offset=offset).reshape(dims)
+
+
+def write_idx(path: str | os.PathLike, array: np.ndarray) -> None:
+    """Write a uint8 array as an IDX file (gzipped if ``path`` ends in .gz); used by the tests."""
+    array = np.ascontiguousarray(array, np.uint8)
+    header = bytes([0, 0, 0x08, array.ndim]) + b"".join(int(d).to_bytes(4, "big") for d in array.shape)
+    opener = gzip.open if str(path).endswith(".gz") else open
+    with opener(path, "wb") as f:
+        f.write(header + array.tobytes())
+
+
+def _find_idx(root: Path, split: str, kind: str) -> Path:
+    # 'train-images-idx3-ubyte[.gz]' and the original MNIST mirror's 'train-images.idx3-ubyte'
+    rank = 3 if kind == "images" else 1
+    for stem in (f"{split}-{kind}-idx{rank}-ubyte", f"{split}-{kind}.idx{rank}-ubyte"):
+        for name in (stem, stem + ".gz"):
+            if (root / name).is_file():
+                return root / name
+    raise FileNotFoundError(f"{root} has no {split}-{kind}-idx{rank}-ubyte[.gz] "
+                            "(expected the four MNIST/FashionMNIST IDX files)")
+
+
+def load_idx_dir(path: str | os.PathLike, class_names: list[str] | None = None) -> Dataset:
+    """Load the four MNIST-format IDX files (train/t10k images and labels, .gz or raw) in ``path``."""
+    root = Path(path).expanduser()
+    if not root.is_dir():
+        raise FileNotFoundError(f"data directory {root} does not exist")
+    arrays = {}
+    for split in ("train", "t10k"):
+        x = read_idx(_find_idx(root, split, "images"))
+        y = read_idx(_find_idx(root, split, "labels"))
+        if x.ndim != 3 or y.ndim != 1 or len(x) != len(y):
+            raise ValueError(f"{root}: {split} images {x.shape} and labels {y.shape} do not match")
+        arrays[split] = (x[..., None].astype(np.uint8), y.astype(np.int32))
+    n = int(max(arrays["train"][1].max(), arrays["t10k"][1].max())) + 1
+    names = class_names or (FASHION_MNIST_CLASSES if n == 10 else [str(i) for i in range(n)])
+    return Dataset(*arrays["train"], *arrays["t10k"], class_names=list(names), source=str(root))
+
+
+# --------------------------------------------------------------------------- image folders
+def _class_dirs(root: Path) -> list[Path]:
+    return sorted((d for d in root.iterdir() if d.is_dir() and not d.name.startswith(".")),
+                  key=lambda d: d.name)
+
+
+def _read_image(path: Path, size: tuple[int, int], channels: int) -> np.ndarray:
+    from PIL import Image  # lazy: only image folders need pillow
+
+    with Image.open(path) as img:
+        if channels == 1:
+            if img.mode not in ("L", "1", "P") or (img.mode == "P" and "transparency" in img.info):
+                raise ValueError(f"{path}: image has mode {img.mode!r}, expected a 1-channel "
+                                 "grayscale image")
+            img = img.convert("L")
+        elif channels == 3:
+            if img.mode not in ("L", "1", "P", "RGB", "RGBA", "LA"):
+                raise ValueError(f"{path}: image mode {img.mode!r} cannot be read as RGB")
+            img = img.convert("RGB")
+        else:
+            raise ValueError(f"channels must be 1 or 3, got {channels}")
+        img = img.resize((size[1], size[0]), Image.BILINEAR)  # PIL takes (W, H)
+        arr = np.asarray(img, np.uint8)
+    return arr.reshape(size[0], size[1], channels)
+
+
+def _read_tree(root: Path, names: list[str], size: tuple[int, int], channels: int
+               ) -> tuple[np.ndarray, np.ndarray]:
+    xs, ys = [], []
+    for label, name in enumerate(names):
+        d = root / name
+        files = sorted(p for p in d.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES) if d.is_dir() else []
+        for p in files:
+            xs.append(_read_image(p, size, channels))
+            ys.append(label)
+    if not xs:
+        raise ValueError(f"{root} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))}) "
+                         "in its class folders")
+    return np.stack(xs), np.asarray(ys, np.int32)
+
+
+def load_image_folder(root: str | os.PathLike, size: tuple[int, int], channels: int = 3) -> Dataset:
+    """Load ``root/<class>/*.png|jpg`` (no test set) or ``root/train|test/<class>/*``, resized to ``size``.
+
+    Class names are the sorted folder names (of ``train/`` in the second layout). Images are
+    converted to ``channels`` (RGB or grayscale) and resized bilinearly with PIL.
+    """
+    root = Path(root).expanduser()
+    if not root.is_dir():
+        raise FileNotFoundError(f"image folder {root} does not exist")
+    size = (int(size[0]), int(size[1]))
+    if (root / "train").is_dir() and (root / "test").is_dir():
+        names = [d.name for d in _class_dirs(root / "train")]
+        if not names:
+            raise ValueError(f"{root / 'train'} has no class folders")
+        extra = {d.name for d in _class_dirs(root / "test")} - set(names)
+        if extra:
+            raise ValueError(f"{root / 'test'} has classes missing from train/: {sorted(extra)}")
+        x_tr, y_tr = _read_tree(root / "train", names, size, channels)
+        x_te, y_te = _read_tree(root / "test", names, size, channels)
+    else:
+        names = [d.name for d in _class_dirs(root)]
+        if not names:
+            raise ValueError(f"{root} has no class folders (expected root/<class>/*.png or "
+                             "root/train/<class> and root/test/<class>)")
+        x_tr, y_tr = _read_tree(root, names, size, channels)
+        x_te = np.zeros((0, *x_tr.shape[1:]), np.uint8)
+        y_te = np.zeros((0,), np.int32)
+    return Dataset(x_tr, y_tr, x_te, y_te, class_names=names, source=str(root))
+
+
+# --------------------------------------------------------------------------- CIFAR-10 pickles
+def load_cifar_pickles(path: str | os.PathLike) -> Dataset:
+    """Load the CIFAR-10 'python version' directory (data_batch_1..5, test_batch)."""
+    root = Path(path).expanduser()
+    if (root / "cifar-10-batches-py").is_dir():
+        root = root / "cifar-10-batches-py"
+
+    def read(name: str) -> tuple[np.ndarray, np.ndarray]:
+        with open(root / name, "rb") as f:
+            d = pickle.load(f, encoding="bytes")
+        x = np.asarray(d[b"data"], np.uint8).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
+        return x, np.asarray(d[b"labels"], np.int32)
+
+    train = [read(f"data_batch_{i}") for i in range(1, 6)]
+    x_te, y_te = read("test_batch")
+    return Dataset(np.concatenate([t[0] for t in train]), np.concatenate([t[1] for t in train]),
+                   x_te, y_te, class_names=list(CIFAR10_CLASSES), source=str(root))
+
+
+def cifar2_from_cifar10(ds: Dataset) -> Dataset:
+    """Keep airplane (0) and bird (2) and relabel them 0 and 1 (the material's cifar2)."""
+    def keep(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        m = (y == 0) | (y == 2)
+        return x[m], np.where(y[m] == 2, 1, 0).astype(np.int32)
+
+    return Dataset(*keep(ds.x_train, ds.y_train), *keep(ds.x_test, ds.y_test),
+                   class_names=list(CIFAR2_CLASSES), source=ds.source)
+
+
+# --------------------------------------------------------------------------- tfds (optional)
+def _tfds_available() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("tensorflow_datasets") is not None
+
+
+def _load_tfds(name: str, class_names: list[str]) -> Dataset:
+    import tensorflow_datasets as tfds  # optional, heavy: only imported when installed and needed
+
+    out = []
+    for split in ("train", "test"):
+        d = tfds.as_numpy(tfds.load(name, split=split, batch_size=-1, as_supervised=True))
+        out += [np.asarray(d[0], np.uint8), np.asarray(d[1], np.int32)]
+    return Dataset(*out, class_names=list(class_names), source=f"tfds:{name}")
+
+
+# --------------------------------------------------------------------------- entry point + cache
+def cache_dir() -> Path:
+    """Where loaded datasets are cached ($FLAXNETS_CACHE or ~/.cache/flaxnets)."""
+    return Path(os.environ.get("FLAXNETS_CACHE", Path.home() / ".cache" / "flaxnets"))
+
+
+def _cache_key(name: str, data_dir: Path | None, size: object) -> str:
+    stamp = ""
+    if data_dir is not None:  # a changed directory (new files, mtime) gets a new cache entry
+        entries = sorted((p.name, p.stat().st_mtime_ns, p.stat().st_size) for p in data_dir.iterdir())
+        stamp = f"{data_dir.resolve()}|{entries}"
+    digest = hashlib.sha1(f"{name}|{stamp}|{size}".encode()).hexdigest()[:12]
+    return f"{name}-{digest}.npz"
+
+
+def _save_npz(path: Path, ds: Dataset) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp.npz")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            np.savez(f, x_train=ds.x_train, y_train=ds.y_train, x_test=ds.x_test, y_test=ds.y_test,
+                     class_names=np.asarray(ds.class_names), source=np.asarray(ds.source))
+        os.chmod(tmp, 0o644)  # mkstemp creates 0600
+        os.replace(tmp, path)  # atomic: a concurrent reader never sees a half-written file
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _load_npz(path: Path) -> Dataset:
+    with np.load(path, allow_pickle=False) as z:
+        return Dataset(z["x_train"], z["y_train"], z["x_test"], z["y_test"],
+                       class_names=[str(c) for c in z["class_names"]], source=str(z["source"]))
+
+
+def _no_data(name: str, hint: str) -> FileNotFoundError:
+    return FileNotFoundError(f"no data for {name!r}: {hint}")
+
+
+def _load_uncached(name: str, data_dir: Path | None, size: tuple[int, int] | None,
+                   channels: int) -> Dataset:
+    if name == "fashion_mnist":
+        if data_dir is not None:
+            return load_idx_dir(data_dir)
+        if _tfds_available():
+            return _load_tfds("fashion_mnist", FASHION_MNIST_CLASSES)
+        if LOCAL_FASHION_MNIST.is_dir():
+            print(f"tensorflow_datasets is not installed; using the local copy {LOCAL_FASHION_MNIST}",
+                  file=sys.stderr)
+            return load_idx_dir(LOCAL_FASHION_MNIST)
+        raise _no_data(name, "install it with `apt-get install dataset-fashion-mnist` (files land in "
+                       f"{LOCAL_FASHION_MNIST}), or pass --data-dir DIR holding the four IDX files "
+                       "(train-images-idx3-ubyte.gz, ...), or `pip install tensorflow-datasets`")
+    if name in ("cifar10", "cifar2"):
+        if data_dir is not None:
+            if any(data_dir.glob("**/data_batch_1")):
+                ds = load_cifar_pickles(next(data_dir.glob("**/data_batch_1")).parent)
+            else:
+                ds = load_image_folder(data_dir, size or (32, 32), channels)
+                if name == "cifar2" and ds.class_names == CIFAR10_CLASSES:
+                    return cifar2_from_cifar10(ds)
+                return ds
+        elif _tfds_available():
+            ds = _load_tfds("cifar10", CIFAR10_CLASSES)
+        else:
+            raise _no_data(name, "pass --data-dir DIR with the CIFAR-10 python version "
+                           "(cifar-10-batches-py from https://www.cs.toronto.edu/~kriz/cifar.html) "
+                           "or an image folder DIR/<class>/*.png, or `pip install tensorflow-datasets`")
+        return cifar2_from_cifar10(ds) if name == "cifar2" else ds
+    if name == "image_folder":
+        if data_dir is None:
+            raise _no_data(name, "image_folder needs --data-dir DIR laid out as DIR/<class>/*.jpg "
+                           "or DIR/train/<class> and DIR/test/<class>")
+        return load_image_folder(data_dir, size or (224, 224), channels)
+    raise ValueError(f"unknown dataset {name!r}; expected one of {', '.join(DATASETS)}")
+
+
+def load_dataset(name: str, data_dir: str | os.PathLike | None = None,
+                 size: tuple[int, int] | None = None, channels: int = 3,
+                 use_cache: bool = True) -> Dataset:
+    """Load dataset ``name`` ('fashion_mnist', 'cifar10', 'cifar2', 'image_folder'), cached as .npz.
+
+    ``size`` (H, W) and ``channels`` apply to image folders only.
+    """
+    if name not in DATASETS:
+        raise ValueError(f"unknown dataset {name!r}; expected one of {', '.join(DATASETS)}")
+    ddir = Path(data_dir).expanduser() if data_dir is not None else None
+    if ddir is not None and not ddir.is_dir():
+        raise FileNotFoundError(f"--data-dir {ddir} does not exist or is not a directory")
+    if ddir is None and name == "fashion_mnist" and not _tfds_available() and LOCAL_FASHION_MNIST.is_dir():
+        ddir_key = LOCAL_FASHION_MNIST  # key the cache on the local copy so it updates with it
+    else:
+        ddir_key = ddir
+    # size/channels only shape image folders; FashionMNIST and CIFAR pickles ignore them
+    shape_key = (tuple(size) if size else None, channels) if name != "fashion_mnist" else None
+    path = cache_dir() / _cache_key(name, ddir_key, shape_key)
+    if use_cache and path.is_file():
+        try:
+            return _load_npz(path)
+        except (OSError, ValueError, KeyError):
+            path.unlink(missing_ok=True)  # a corrupt cache entry is rebuilt
+    ds = _load_uncached(name, ddir, tuple(size) if size else None, channels)
+    if use_cache:
+        try:
+            _save_npz(path, ds)
+        except OSError as e:  # a read-only home must not stop training
+            print(f"warning: could not cache {name} at {path}: {e}", file=sys.stderr)
+    return ds

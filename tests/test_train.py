@@ -1,0 +1,221 @@
+"""flaxnets.train and scripts/train.py: recipes, the JAX engine, run directories, the CLI."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import flaxnets
+from flaxnets.data import LOCAL_FASHION_MNIST, Dataset, load_dataset, write_idx
+from flaxnets.train import (fit, make_optimizer, model_summary, preprocess, random_crop_flip,
+                            recipe_for, split_arrays, write_run)
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+import train as train_script  # noqa: E402  (scripts/train.py)
+
+
+def synthetic(n_train: int = 768, n_test: int = 200, classes: int = 4, seed: int = 0) -> Dataset:
+    """28x28 gray images whose class is a bright 7x7 block in one quadrant, plus noise."""
+    rng = np.random.default_rng(seed)
+
+    def make(n):
+        y = rng.integers(0, classes, n).astype(np.int32)
+        x = rng.integers(0, 60, (n, 28, 28, 1)).astype(np.uint8)
+        for i, c in enumerate(y):
+            r, q = 3 + 14 * (c // 2), 3 + 14 * (c % 2)
+            x[i, r:r + 7, q:q + 7] = 220
+        return x, y
+
+    return Dataset(*make(n_train), *make(n_test), class_names=[f"c{i}" for i in range(classes)],
+                   source="synthetic")
+
+
+LENET_RECIPE = recipe_for("lenet", epochs=2, batch_size=32, lr=1e-2)
+
+
+@pytest.fixture(scope="module")
+def lenet_run():
+    """Two short epochs of lenet on the synthetic set (shared by several tests).
+
+    The sigmoid LeNet sits on a loss plateau for its first ~100 steps, hence 128 small steps.
+    """
+    return fit("lenet", synthetic(n_train=2048), LENET_RECIPE, seed=0)
+
+
+def test_recipes_follow_the_issue_table():
+    assert recipe_for("lenet").optimizer == "adam" and recipe_for("lenet").batch_size == 256
+    assert recipe_for("net_width") == recipe_for("net_dropout") == recipe_for("net")
+    assert recipe_for("net_batchnorm").l2 == 1e-3 and recipe_for("net").l2 == 0
+    r = recipe_for("resnet56")
+    assert (r.dataset, r.momentum, r.weight_decay, r.milestones) == ("cifar10", 0.9, 1e-4, (100, 150))
+    assert recipe_for("densenet121_se").dataset == "image_folder"
+    assert recipe_for("dilated").val_fraction == 0.2
+    assert recipe_for("lenet", epochs=1, lr=None).epochs == 1  # None keeps the recipe value
+    with pytest.raises(flaxnets.UnknownNetError):
+        recipe_for("nope")
+
+
+def test_lenet_learns(lenet_run):
+    m = lenet_run.metrics
+    assert [row["epoch"] for row in m] == [1, 2]
+    assert m[1]["train_loss"] < m[0]["train_loss"]
+    assert m[1]["test_loss"] < m[0]["test_loss"]
+    assert lenet_run.test_acc > 0.4  # 4 classes: chance is 0.25
+    assert lenet_run.test_acc == pytest.approx(m[-1]["test_acc"])
+    cm = lenet_run.confusion
+    assert cm.shape == (4, 4) and cm.sum() == 200  # every test example, incl. the padded tail
+    assert np.trace(cm) / cm.sum() == pytest.approx(lenet_run.test_acc)
+
+
+def test_same_seed_same_metrics(lenet_run):
+    again = fit("lenet", synthetic(n_train=2048), LENET_RECIPE, seed=0)
+    def strip(ms):  # timings differ run to run; everything else must be bit-identical
+        return [{k: v for k, v in r.items() if k not in ("images_per_s", "seconds")} for r in ms]
+
+    assert strip(again.metrics) == strip(lenet_run.metrics)
+    np.testing.assert_array_equal(again.confusion, lenet_run.confusion)
+
+
+def test_validation_split_keeps_best_weights():
+    r = fit("dilated", synthetic(n_train=400, n_test=64),
+            recipe_for("dilated", epochs=2, batch_size=32, lr=3e-3), seed=1)
+    assert r.eval_split == "val" and "val_acc" in r.metrics[0]
+    assert r.info["val_examples"] == 80 and r.info["train_examples"] == 320
+    assert r.info["best_val_acc"] == max(row["val_acc"] for row in r.metrics)
+    assert r.confusion.sum() == 64
+    assert r.metrics[-1]["val_acc"] > 0.5  # the ReLU net learns the quadrants quickly
+
+
+def test_run_dir(lenet_run, tmp_path):
+    out = write_run(tmp_path / "run", {"net": "lenet"}, lenet_run)
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["net"] == "lenet" and cfg["test_acc"] == lenet_run.test_acc
+    rows = list(csv.DictReader(open(out / "metrics.csv")))
+    assert len(rows) == 2
+    assert float(rows[1]["train_loss"]) == pytest.approx(lenet_run.metrics[1]["train_loss"])
+    for png in ("curves.png", "confusion_matrix.png"):
+        assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_summary_total_equals_registry():
+    for name in ("lenet", "dilated", "net_batchnorm", "resnet20"):
+        spec = flaxnets.get_spec(name)
+        abstract = nnx.eval_shape(lambda: flaxnets.create(name))  # noqa: B023 - called at once
+        rows, total = model_summary(abstract, spec.input_shape)
+        assert total == spec.params == sum(r[3] for r in rows)
+    rows, _ = model_summary(flaxnets.create("lenet"), (28, 28, 1))
+    assert rows[-1][2] == "(1,10)"
+
+
+def test_preprocess_and_augment():
+    x = np.full((2, 32, 32, 3), 255, np.uint8)
+    recipe = recipe_for("resnet20")
+    out = np.asarray(preprocess(x, recipe))
+    expected = (1 - np.array([0.485, 0.456, 0.406])) / [0.229, 0.224, 0.225]
+    np.testing.assert_allclose(out[0, 0, 0], expected, rtol=1e-6)
+    img = np.arange(2 * 8 * 8, dtype=np.float32).reshape(2, 8, 8, 1)
+    aug = np.asarray(random_crop_flip(img, jax.random.key(3), pad=2))
+    assert aug.shape == img.shape
+    # every output is a shifted/flipped window of the zero-padded input
+    padded = np.pad(img, ((0, 0), (2, 2), (2, 2), (0, 0)))
+    for b in range(2):
+        windows = [w for i in range(5) for j in range(5)
+                   for w in (padded[b, i:i + 8, j:j + 8], padded[b, i:i + 8, j:j + 8][:, ::-1])]
+        assert any(np.array_equal(aug[b], w) for w in windows)
+
+
+def test_resnet_lr_schedule_steps_at_milestones():
+    tx, lr_at = make_optimizer(recipe_for("resnet20"), steps_per_epoch=10)
+    assert [lr_at(e * 10) for e in (0, 99, 100, 149, 150, 199)] == pytest.approx(
+        [0.1, 0.1, 0.01, 0.01, 0.001, 0.001])
+    w = {"w": jnp.ones(3)}
+    upd, _ = tx.update({"w": jnp.zeros(3)}, tx.init(w), w)  # zero grad: only weight decay acts
+    np.testing.assert_allclose(upd["w"], -0.1 * 1e-4, rtol=1e-5)
+
+
+def test_split_arrays_is_reproducible():
+    x, y = np.arange(100)[:, None], np.arange(100)
+    a = split_arrays(x, y, 0.2, seed=5)
+    b = split_arrays(x, y, 0.2, seed=5)
+    assert len(a[0]) == 80 and len(a[2]) == 20
+    assert sorted(np.concatenate([a[1], a[3]])) == list(range(100))
+    np.testing.assert_array_equal(a[3], b[3])
+
+
+def test_image_shape_mismatch_is_a_clear_error():
+    ds = synthetic(n_train=64, n_test=8)
+    with pytest.raises(ValueError, match="expects"):
+        fit("net", ds, recipe_for("net", epochs=1))
+
+
+def test_script_unknown_net_exits_2(capsys):
+    assert train_script.main(["--net", "nope"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: unknown net 'nope'") and "Traceback" not in err
+    assert train_script.main(["--net", "lenet", "--backend", "torch"]) == 2
+
+
+def test_script_end_to_end(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("FLAXNETS_CACHE", str(tmp_path / "cache"))
+    ds = synthetic(n_train=256, n_test=50, classes=10)
+    d = tmp_path / "idx"
+    d.mkdir()
+    for split, x, y in (("train", ds.x_train, ds.y_train), ("t10k", ds.x_test, ds.y_test)):
+        write_idx(d / f"{split}-images-idx3-ubyte.gz", x[..., 0])
+        write_idx(d / f"{split}-labels-idx1-ubyte.gz", y)
+    out = tmp_path / "run"
+    rc = train_script.main(["--net", "lenet", "--epochs", "1", "--batch-size", "64",
+                            "--data-dir", str(d), "--out", str(out)])
+    assert rc == 0
+    text = capsys.readouterr().out
+    assert "total trainable parameters       44,426" in text
+    assert "epoch   1/1" in text and "final test accuracy" in text
+    assert {p.name for p in out.iterdir()} >= {"config.json", "metrics.csv", "curves.png",
+                                               "confusion_matrix.png"}
+    assert json.loads((out / "config.json").read_text())["recipe"]["epochs"] == 1
+
+
+@pytest.mark.skipif(not LOCAL_FASHION_MNIST.is_dir(), reason="real FashionMNIST not installed")
+def test_real_fashion_mnist_subset(tmp_path, monkeypatch):
+    monkeypatch.setenv("FLAXNETS_CACHE", str(tmp_path))
+    full = load_dataset("fashion_mnist")
+    sub = Dataset(full.x_train[:6144], full.y_train[:6144], full.x_test[:1000], full.y_test[:1000],
+                  full.class_names, full.source)
+    r = fit("lenet", sub, recipe_for("lenet", epochs=1, batch_size=32, lr=3e-3))
+    assert r.test_acc > 0.4  # one short epoch (measured 0.54); chance is 0.1
+
+
+def test_data_parallel_on_two_host_devices(tmp_path):
+    """Two fake CPU devices: batches shard over the 'data' axis and match the 1-device result."""
+    code = ("import sys, jax; sys.path.insert(0, 'tests'); from test_train import synthetic_rgb;"
+            "from flaxnets.train import fit, recipe_for;"
+            "r = fit('net_batchnorm', synthetic_rgb(), recipe_for('net_batchnorm', epochs=1, batch_size=32));"
+            "print(len(jax.devices()), r.info['devices'], r.metrics[0]['train_loss'])")
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2",
+               JAX_PLATFORMS="cpu")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                         cwd=Path(__file__).resolve().parents[1], timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    n_dev, used, loss2 = out.stdout.split()
+    assert n_dev == used == "2"
+    one = fit("net_batchnorm", synthetic_rgb(), recipe_for("net_batchnorm", epochs=1, batch_size=32))
+    assert float(loss2) == pytest.approx(one.metrics[0]["train_loss"], rel=1e-4)
+
+
+def synthetic_rgb(n: int = 256) -> Dataset:
+    """32x32 RGB two-class images (class 1 has a bright top band) for the cifar2 nets."""
+    rng = np.random.default_rng(1)
+    y = rng.integers(0, 2, n).astype(np.int32)
+    x = rng.integers(0, 200, (n, 32, 32, 3)).astype(np.uint8)
+    x[y == 1, :8] = 255
+    return Dataset(x, y, x[:40], y[:40], ["airplane", "bird"], "synthetic")

@@ -95,7 +95,8 @@ def main(argv: list[str] | None = None) -> int:
     extra = f" (best val acc {result.info['best_val_acc']:.4f})" if result.eval_split == "val" else ""
     print(f"final test accuracy {result.test_acc:.4f}, loss {result.test_loss:.4f}{extra}; "
           f"compile {result.compile_seconds:.1f} s, wall {wall:.1f} s")
-    print(f"run written to {run_dir}")
+    print(f"run written to {run_dir}: config.json, metrics.csv")
+    print(f"pictures: {run_dir / 'curves.png'}  {run_dir / 'confusion_matrix.png'}")
     return 0
 
 

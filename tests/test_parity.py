@@ -29,7 +29,10 @@ def test_torchvision_densenet121_converts_and_matches():
 
 
 def test_resnet_option_b_passes_parity():
-    assert check_net("resnet20", option="B").ok
+    res = check_net("resnet20", option="B")
+    assert res.ok, res.failures
+    # projection shortcuts in layer2.0 and layer3.0: 1x1 convs 16->32, 32->64 and their BNs
+    assert res.flax_params == res.torch_params == 269_722 + 16 * 32 + 32 * 64 + 2 * (32 + 64)
 
 
 def _pair(name):

@@ -16,7 +16,7 @@ import pytest
 from flax import nnx
 
 import flaxnets
-from flaxnets.data import LOCAL_FASHION_MNIST, Dataset, load_dataset, write_idx
+from flaxnets.data import Dataset, load_dataset, write_idx
 from flaxnets.train import (fit, make_optimizer, model_summary, preprocess, random_crop_flip,
                             recipe_for, split_arrays, write_run)
 
@@ -185,7 +185,6 @@ def test_script_end_to_end(tmp_path, monkeypatch, capsys):
     assert json.loads((out / "config.json").read_text())["recipe"]["epochs"] == 1
 
 
-@pytest.mark.skipif(not LOCAL_FASHION_MNIST.is_dir(), reason="real FashionMNIST not installed")
 def test_real_fashion_mnist_subset(tmp_path, monkeypatch):
     monkeypatch.setenv("FLAXNETS_CACHE", str(tmp_path))
     full = load_dataset("fashion_mnist")

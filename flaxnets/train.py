@@ -27,6 +27,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 import flaxnets
 from flaxnets.data import Dataset
+from flaxnets.introspect import record_outputs
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -345,38 +346,22 @@ def model_summary(model: nnx.Module, input_shape: tuple[int, int, int]
     """
     mods = [(".".join(map(str, p)), m) for p, m in nnx.iter_modules(model)]
     parents = {p.rsplit(".", 1)[0] if "." in p else "" for p, _ in mods if p}
-    shapes: dict[str, Any] = {}
     where: dict[int, str] = {}  # id of a module of the traced copy -> its path
-    patched = []
-    for cls in {type(m) for p, m in mods if p not in parents}:
-        own = cls.__dict__.get("__call__")
-
-        def wrapper(self, *a, __orig=cls.__call__, **kw):
-            out = __orig(self, *a, **kw)
-            if id(self) in where:  # dict insertion order = call order, used to sort the rows
-                shapes.setdefault(where[id(self)], None)
-                shapes[where[id(self)]] = jax.tree.map(lambda t: tuple(t.shape), out)
-            return out
-
-        cls.__call__ = wrapper
-        patched.append((cls, own))
 
     def forward(state: nnx.State, x: jax.Array) -> jax.Array:
         traced = nnx.merge(graphdef, state)
         where.update({id(m): ".".join(map(str, p)) for p, m in nnx.iter_modules(traced)})
         return traced(x)
 
+    leaf_classes = {type(m) for p, m in mods if p not in parents}
     try:
         model.eval()
         graphdef, state = nnx.split(model)
-        jax.eval_shape(forward, state, jax.ShapeDtypeStruct((1, *input_shape), jnp.float32))
+        with record_outputs(leaf_classes, where) as outputs:
+            jax.eval_shape(forward, state, jax.ShapeDtypeStruct((1, *input_shape), jnp.float32))
     finally:
-        for cls, own in patched:
-            if own is None:
-                del cls.__call__
-            else:
-                cls.__call__ = own
         model.train()
+    shapes = {p: jax.tree.map(lambda t: tuple(t.shape), out) for p, out in outputs.items()}
 
     def size(tree: Any) -> int:
         return sum(int(np.prod(np.shape(v))) for v in jax.tree.leaves(tree))

@@ -9,11 +9,10 @@ parameter, and the torch -> flax -> torch round trip. When eval logits differ,
 
 from __future__ import annotations
 
-import contextlib
 import copy
 from collections import OrderedDict
-from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -24,6 +23,7 @@ from flax import nnx
 
 import flaxnets
 import torch_ref
+from flaxnets.introspect import record_outputs
 from parity.convert import flax_to_torch, to_numpy_state_dict, torch_to_flax
 
 LOGIT_RTOL = 1e-5  # max|Δ| ≤ LOGIT_RTOL·max(1, max|logits|), CPU fp32
@@ -93,36 +93,12 @@ def _dropout_off(tmodel: torch.nn.Module, fmodel: nnx.Module) -> None:
 
 
 # --------------------------------------------------------------------------- layer-by-layer
-@contextlib.contextmanager
-def _capture_flax(model: nnx.Module) -> Iterator[OrderedDict[str, jax.Array]]:
-    """Record every submodule's output by module path while the model runs eagerly.
-
-    Patches ``__call__`` on the classes used in the model for the duration of the block; a
-    subclass calling ``super().__call__`` overwrites the entry with its own, final output.
-    """
-    paths = {id(m): ".".join(map(str, p)) for p, m in nnx.iter_modules(model) if p}
-    classes = {c for _, m in nnx.iter_modules(model) for c in type(m).__mro__ if "__call__" in c.__dict__}
-    classes.discard(nnx.Module)
-    captured: OrderedDict[str, jax.Array] = OrderedDict()
-    originals = {c: c.__dict__["__call__"] for c in classes}
-
-    def wrap(orig):
-        def call(self, *args, **kwargs):
-            out = orig(self, *args, **kwargs)
-            path = paths.get(id(self))
-            if path is not None and isinstance(out, jax.Array):
-                captured.pop(path, None)
-                captured[path] = out
-            return out
-        return call
-
-    try:
-        for c, orig in originals.items():
-            setattr(c, "__call__", wrap(orig))
-        yield captured
-    finally:
-        for c, orig in originals.items():
-            setattr(c, "__call__", orig)
+def _capture_flax(model: nnx.Module, x: jax.Array) -> OrderedDict[str, Any]:
+    """Every submodule's output by module path, from one eager call of ``model``."""
+    modules = [(".".join(map(str, p)), m) for p, m in nnx.iter_modules(model) if p]
+    with record_outputs({type(m) for _, m in modules}, {id(m): p for p, m in modules}) as captured:
+        model(x)
+    return captured
 
 
 def _capture_torch(model: torch.nn.Module, x: torch.Tensor) -> OrderedDict[str, np.ndarray]:
@@ -165,13 +141,12 @@ class LayerDelta:
 def layer_deltas(tmodel: torch.nn.Module, fmodel: nnx.Module, x_nchw: np.ndarray) -> list[LayerDelta]:
     """Per-layer activation differences in torch execution order (both models as they are set)."""
     t_acts = _capture_torch(tmodel, torch.from_numpy(x_nchw))
-    with _capture_flax(fmodel) as f_acts:
-        fmodel(jnp.asarray(nchw_to_nhwc(x_nchw)))
+    f_acts = _capture_flax(fmodel, jnp.asarray(nchw_to_nhwc(x_nchw)))
     kinds = dict((n, type(m).__name__) for n, m in tmodel.named_modules())
     rows = []
     for path, t in t_acts.items():
         f = f_acts.get(path)
-        if f is None:
+        if not isinstance(f, jax.Array):
             continue
         f = np.asarray(f)
         if f.ndim == 4:

@@ -7,6 +7,9 @@ from collections import OrderedDict
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
+import jax
+from flax import nnx
+
 
 @contextlib.contextmanager
 def record_outputs(classes: Iterable[type], paths: Mapping[int, str]) -> Iterator[OrderedDict[str, Any]]:
@@ -40,3 +43,8 @@ def record_outputs(classes: Iterable[type], paths: Mapping[int, str]) -> Iterato
                 del c.__call__
             else:
                 c.__call__ = own
+
+
+def count_params(model: nnx.Module) -> int:
+    """Trainable parameters of a Flax model (its ``nnx.Param`` leaves); works on abstract models."""
+    return int(sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param))))

@@ -27,7 +27,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 import flaxnets
 from flaxnets.data import Dataset
-from flaxnets.introspect import record_outputs
+from flaxnets.introspect import count_params, record_outputs
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -377,7 +377,7 @@ def model_summary(model: nnx.Module, input_shape: tuple[int, int, int]
                      size(nnx.state(m, nnx.Param))))
     order = {p: i for i, p in enumerate(shapes)}
     rows.sort(key=lambda r: order.get(r[0], len(order)))  # forward-pass order; uncalled last
-    return rows, size(nnx.state(model, nnx.Param))
+    return rows, count_params(model)
 
 
 def format_summary(name: str, rows: list[tuple[str, str, str, int]], total: int) -> str:

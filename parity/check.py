@@ -23,7 +23,7 @@ from flax import nnx
 
 import flaxnets
 import torch_ref
-from flaxnets.introspect import record_outputs
+from flaxnets.introspect import count_params, record_outputs
 from parity.convert import flax_to_torch, to_numpy_state_dict, torch_to_flax
 
 LOGIT_RTOL = 1e-5  # max|Δ| ≤ LOGIT_RTOL·max(1, max|logits|), CPU fp32
@@ -50,11 +50,6 @@ def grad_rel_delta(g_torch: np.ndarray, g_flax: np.ndarray, floor: float) -> flo
 
 def nchw_to_nhwc(x: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(np.transpose(x, (0, 2, 3, 1)))
-
-
-def count_params(model: nnx.Module) -> int:
-    """Trainable parameters of a Flax model (``nnx.Param`` leaves)."""
-    return int(sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param))))
 
 
 def randomize_torch(model: torch.nn.Module, seed: int, input_shape: tuple[int, int, int]) -> None:

@@ -13,7 +13,7 @@ import flaxnets
 import torch_ref
 import torch_ref.layers
 from flaxnets.layers import Conv2D, corr2d
-from parity.check import count_params
+from flaxnets.introspect import count_params
 from parity.convert import to_numpy_state_dict
 
 # the table, written out again on purpose: the registry must agree with it

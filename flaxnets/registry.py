@@ -24,6 +24,7 @@ class NetSpec:
     dataset: str
     kwargs: dict[str, Any] = field(default_factory=dict)
     parity_input: tuple[int, int, int] | None = None  # smaller H, W, C for parity checks
+    any_size: bool = False  # global pooling before the head: any H, W (>= 32) works
 
     @property
     def check_shape(self) -> tuple[int, int, int]:
@@ -58,12 +59,12 @@ def _rows() -> list[NetSpec]:
         rows.append(
             NetSpec(f"densenet{depth}", "densenet", "DenseNet", 1000, (224, 224, 3), params,
                     "classifier", "image_folder", kwargs={"block_config": blocks},
-                    parity_input=(64, 64, 3))
+                    parity_input=(64, 64, 3), any_size=True)
         )
     rows.append(
         NetSpec("densenet121_se", "densenet", "DenseNet", 2, (224, 224, 3), 7_218_050, "classifier",
                 "image_folder", kwargs={"block_config": _DENSENET[121][0], "se_reduction": 8},
-                parity_input=(64, 64, 3))
+                parity_input=(64, 64, 3), any_size=True)
     )
     return rows
 
@@ -96,3 +97,20 @@ def model_class(package: str, name: str) -> tuple[type, dict[str, Any], NetSpec]
     spec = get_spec(name)
     mod = importlib.import_module(f"{package}.models.{spec.module}")
     return getattr(mod, spec.cls), dict(spec.kwargs), spec
+
+
+def check_image_shape(name: str, shape: tuple[int, ...]) -> None:
+    """Raise ValueError (one line, naming what the net accepts) if ``shape`` (H, W, C) does not fit."""
+    spec = get_spec(name)
+    h, w, c = spec.input_shape
+    if len(shape) != 3:
+        raise ValueError(f"net {name!r} takes (H, W, C) images, got shape {tuple(shape)}")
+    if shape[2] != c:
+        raise ValueError(f"net {name!r} takes {c}-channel images, the data has {shape[2]} channels")
+    if spec.any_size:
+        if min(shape[:2]) < 32:
+            raise ValueError(f"net {name!r} needs images of at least 32x32 pixels, got "
+                             f"{shape[0]}x{shape[1]}")
+    elif tuple(shape[:2]) != (h, w):
+        raise ValueError(f"net {name!r} takes {h}x{w} images, the data has {shape[0]}x{shape[1]} "
+                         f"(resize the data or pick a net made for that size)")

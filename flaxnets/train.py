@@ -28,6 +28,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 import flaxnets
 from flaxnets.data import Dataset
 from flaxnets.introspect import count_params, record_outputs
+from flaxnets.registry import check_image_shape
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -217,10 +218,7 @@ def fit(name: str, data: Dataset, recipe: Recipe | None = None, seed: int = 0,
     ``on_epoch(row)`` after each epoch. Same seed and data give bit-identical metrics on CPU.
     """
     recipe = recipe or recipe_for(name)
-    spec = flaxnets.get_spec(name)
-    if data.image_shape != tuple(spec.input_shape):
-        raise ValueError(f"net {name!r} expects {tuple(spec.input_shape)} (H, W, C) images but the "
-                         f"dataset has {data.image_shape}")
+    check_image_shape(name, data.image_shape)
     x_tr, y_tr, x_te, y_te = data.x_train, data.y_train, data.x_test, data.y_test
     if len(x_te) == 0:
         if not recipe.test_fraction:

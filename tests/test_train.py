@@ -154,7 +154,7 @@ def test_split_arrays_is_reproducible():
 
 def test_image_shape_mismatch_is_a_clear_error():
     ds = synthetic(n_train=64, n_test=8)
-    with pytest.raises(ValueError, match="expects"):
+    with pytest.raises(ValueError, match="takes 32x32 images, the data has 28x28"):
         fit("net", ds, recipe_for("net", epochs=1))
 
 

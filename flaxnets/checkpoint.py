@@ -1,0 +1,206 @@
+"""The Flax checkpoint file (``*.flax``): model weights, optionally the training state, one file.
+
+Layout: 8-byte magic ``FLAXNETS``, 1-byte format version, the SHA-256 of the payload, then a
+msgpack payload (``flax.serialization``) ``{"net", "num_classes", "meta" (JSON text), "model":
+{"conv1.kernel": array, ...}, "train": {"path": array, ...} or absent}``. The checksum makes a
+truncated or bit-flipped file an error instead of silently wrong weights, and every write goes
+through a temporary file + ``fsync`` + ``os.replace``, so a crash during a save leaves the old
+file intact. Model keys are the dotted paths of ``nnx.to_pure_dict`` (the state_dict prefixes).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+from flax import nnx, serialization
+
+MAGIC = b"FLAXNETS"
+VERSION = 1
+SUFFIX = ".flax"
+_HEADER = len(MAGIC) + 1 + 32
+
+
+class CheckpointError(ValueError):
+    """A file that is not a readable flaxnets checkpoint, or one that does not fit the model."""
+
+
+@dataclass
+class Checkpoint:
+    """The contents of one checkpoint file."""
+
+    net: str
+    num_classes: int
+    model: dict[str, np.ndarray]  # dotted path -> array (params and batch statistics)
+    train: dict[str, np.ndarray] | None = None  # flattened training state (optimiser, ...)
+    meta: dict[str, Any] = field(default_factory=dict)  # JSON-able: epoch, metrics, config
+
+
+# --------------------------------------------------------------------------- atomic files
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
+    """Write ``data`` to ``path`` so that readers see the old file or the new one, never a part."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp creates 0600
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    try:  # make the rename itself durable
+        dfd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+    except OSError:
+        pass
+    return path
+
+
+# --------------------------------------------------------------------------- pytree <-> flat dict
+def flatten_tree(tree: Any) -> dict[str, np.ndarray]:
+    """Leaves of ``tree`` as {key path string: numpy array} (PRNG keys as their raw key data)."""
+    out = {}
+    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+        if isinstance(leaf, jax.Array) and jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key):
+            leaf = jax.random.key_data(leaf)
+        out[jax.tree_util.keystr(path)] = np.asarray(leaf)
+    return out
+
+
+def _check_fit(what: str, missing: list[str], unexpected: list[str], bad: list[str]) -> None:
+    """Raise one CheckpointError that lists every missing, unexpected and mis-shaped key."""
+    if not (missing or unexpected or bad):
+        return
+    lines = [f"the checkpoint's {what} does not fit:"]
+    lines += [f"  missing: {k}" for k in missing[:20]] + [f"  unexpected: {k}" for k in unexpected[:20]]
+    lines += [f"  shape: {b}" for b in bad[:20]]
+    if max(len(missing), len(unexpected), len(bad)) > 20:
+        lines.append(f"  ... ({len(missing)} missing, {len(unexpected)} unexpected, {len(bad)} mis-shaped)")
+    raise CheckpointError("\n".join(lines))
+
+
+def unflatten_like(template: Any, flat: dict[str, np.ndarray], what: str = "state") -> Any:
+    """Rebuild ``template``'s pytree from ``flat`` (as made by ``flatten_tree``), strictly.
+
+    Every key of the template must be present with its shape, and no other key: a mismatch
+    raises CheckpointError listing the differences.
+    """
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(template)
+    keys = [jax.tree_util.keystr(p) for p, _ in leaves]
+    missing = [k for k in keys if k not in flat]
+    unexpected = sorted(set(flat) - set(keys))
+    new = []
+    bad = []
+    for k, (_, leaf) in zip(keys, leaves):
+        if k in missing:
+            continue
+        is_key = isinstance(leaf, jax.Array) and jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key)
+        ref = jax.random.key_data(leaf) if is_key else leaf
+        arr = flat[k]
+        if tuple(np.shape(arr)) != tuple(np.shape(ref)):
+            bad.append(f"{k}: file {tuple(np.shape(arr))}, expected {tuple(np.shape(ref))}")
+            continue
+        arr = np.asarray(arr, dtype=np.asarray(ref).dtype if not is_key else np.uint32)
+        new.append(jax.random.wrap_key_data(arr, impl=jax.random.key_impl(leaf)) if is_key else arr)
+    _check_fit(what, missing, unexpected, bad)
+    return jax.tree_util.tree_unflatten(treedef, new)
+
+
+def model_to_flat(model: nnx.Module) -> dict[str, np.ndarray]:
+    """The model's full state (params, batch statistics) as {dotted path: numpy array}."""
+    flat = {}
+    for path, leaf in jax.tree_util.tree_flatten_with_path(nnx.to_pure_dict(nnx.state(model)))[0]:
+        flat[".".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)] = np.array(leaf)
+    return flat
+
+
+def flat_into_model(model: nnx.Module, flat: dict[str, np.ndarray]) -> nnx.Module:
+    """Load {dotted path: array} into ``model`` in place (strict: see ``unflatten_like``)."""
+    ref = model_to_flat(model)
+    missing = sorted(set(ref) - set(flat))
+    unexpected = sorted(set(flat) - set(ref))
+    bad = [f"{k}: file {tuple(flat[k].shape)}, model {tuple(ref[k].shape)}"
+           for k in ref if k in flat and tuple(flat[k].shape) != tuple(ref[k].shape)]
+    _check_fit("weights", missing, unexpected, bad)
+    pure = nnx.to_pure_dict(nnx.state(model))
+
+    def put(path: tuple, leaf: Any) -> Any:
+        key = ".".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
+        return np.array(flat[key], dtype=np.asarray(leaf).dtype)  # copy: never alias the file buffer
+
+    pure = jax.tree_util.tree_map_with_path(put, pure)
+    state = nnx.state(model)
+    nnx.replace_by_pure_dict(state, pure)
+    nnx.update(model, state)
+    return model
+
+
+# --------------------------------------------------------------------------- files
+def save(path: str | os.PathLike, ckpt: Checkpoint) -> Path:
+    """Write ``ckpt`` to ``path`` atomically (see the module docstring for the layout)."""
+    payload: dict[str, Any] = {"net": ckpt.net, "num_classes": int(ckpt.num_classes),
+                               "meta": json.dumps(ckpt.meta, default=str), "model": dict(ckpt.model)}
+    if ckpt.train is not None:
+        payload["train"] = dict(ckpt.train)
+    body = serialization.msgpack_serialize(payload)
+    head = MAGIC + bytes([VERSION]) + hashlib.sha256(body).digest()
+    return atomic_write_bytes(path, head + body)
+
+
+def load(path: str | os.PathLike) -> Checkpoint:
+    """Read a checkpoint file; CheckpointError if it is not one, truncated or corrupt."""
+    path = Path(path)
+    try:
+        raw = path.read_bytes()
+    except OSError as e:
+        raise CheckpointError(f"cannot read {path}: {e.strerror or e}") from None
+    if raw[: len(MAGIC)] != MAGIC:
+        raise CheckpointError(f"{path} is not a flaxnets checkpoint (no {MAGIC.decode()} header)")
+    if len(raw) < _HEADER:
+        raise CheckpointError(f"{path} is truncated ({len(raw)} bytes)")
+    if raw[len(MAGIC)] != VERSION:
+        raise CheckpointError(f"{path} has checkpoint format version {raw[len(MAGIC)]}; "
+                              f"this flaxnets reads version {VERSION}")
+    body = raw[_HEADER:]
+    if hashlib.sha256(body).digest() != raw[len(MAGIC) + 1: _HEADER]:
+        raise CheckpointError(f"{path} is corrupt or truncated (checksum mismatch, {len(raw)} bytes)")
+    try:
+        d = serialization.msgpack_restore(body)
+        return Checkpoint(net=str(d["net"]), num_classes=int(d["num_classes"]),
+                          model={k: np.asarray(v) for k, v in d["model"].items()},
+                          train=({k: np.asarray(v) for k, v in d["train"].items()}
+                                 if "train" in d else None),
+                          meta=json.loads(d["meta"]))
+    except (KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f"{path}: malformed checkpoint payload ({e})") from None
+
+
+def save_model(path: str | os.PathLike, net: str, model: nnx.Module, num_classes: int,
+               meta: dict[str, Any] | None = None) -> Path:
+    """Save a model's weights (no training state) as a checkpoint file."""
+    return save(path, Checkpoint(net, num_classes, model_to_flat(model), None, dict(meta or {})))
+
+
+def load_model(path: str | os.PathLike, net: str | None = None, seed: int = 0) -> nnx.Module:
+    """A new model of the checkpoint's net with its weights; ``net`` checks the file's net name."""
+    import flaxnets
+
+    ckpt = load(path)
+    if net is not None and ckpt.net != net:
+        raise CheckpointError(f"{path} holds a {ckpt.net!r} checkpoint, not {net!r}")
+    model = flaxnets.create(ckpt.net, num_classes=ckpt.num_classes, seed=seed)
+    return flat_into_model(model, ckpt.model)

@@ -154,8 +154,12 @@ def test_split_arrays_is_reproducible():
 
 def test_image_shape_mismatch_is_a_clear_error():
     ds = synthetic(n_train=64, n_test=8)
-    with pytest.raises(ValueError, match="takes 32x32 images, the data has 28x28"):
+    with pytest.raises(ValueError, match="takes 3-channel images, the data has 1 channels"):
         fit("net", ds, recipe_for("net", epochs=1))
+    wide = Dataset(np.zeros((64, 32, 32, 1), np.uint8), ds.y_train, ds.x_test, ds.y_test,
+                   ds.class_names, "synthetic")
+    with pytest.raises(ValueError, match="takes 28x28 images, the data has 32x32"):
+        fit("lenet", wide, recipe_for("lenet", epochs=1))
 
 
 def test_script_unknown_net_exits_2(capsys):

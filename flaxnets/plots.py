@@ -1,4 +1,4 @@
-"""Training plots (loss/accuracy curves, confusion matrix) with matplotlib, imported lazily (Agg)."""
+"""Training plots (loss/accuracy curves, confusion matrix, sample grid) with matplotlib, imported lazily (Agg)."""
 
 from __future__ import annotations
 
@@ -60,6 +60,55 @@ def plot_confusion(confusion: np.ndarray, class_names: list[str], path: str | Pa
             for j in range(k):
                 ax.text(j, i, str(cm[i, j]), ha="center", va="center", fontsize=8,
                         color="white" if cm[i, j] > thresh else "black")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return Path(path)
+
+
+def _short(name: str, limit: int = 16) -> str:
+    return name if len(name) <= limit else name[: limit - 1] + "…"
+
+
+def plot_samples(images: np.ndarray, labels: np.ndarray, preds: np.ndarray, class_names: list[str],
+                 path: str | Path, n: int = 32, cols: int = 8) -> Path:
+    """A grid of the first ``n`` images (uint8 NHWC) titled true / predicted; wrong ones in red.
+
+    One-channel images are drawn in gray. Long class names are shortened so 1000-class labels fit.
+    """
+    images, labels, preds = np.asarray(images), np.asarray(labels), np.asarray(preds)
+    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] not in (1, 3):
+        raise ValueError(f"images must be uint8 NHWC with 1 or 3 channels, got {images.dtype} "
+                         f"{images.shape}")
+    if not len(images) == len(labels) == len(preds):
+        raise ValueError(f"{len(images)} images, {len(labels)} labels, {len(preds)} predictions")
+    n = min(n, len(images))
+    if n == 0:
+        raise ValueError("no images to plot")
+    plt = _pyplot()
+    cols = min(cols, n)
+    rows = -(-n // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(1.7 * cols, 2.0 * rows + 0.4), squeeze=False)
+    for k, ax in enumerate(axes.flat):
+        ax.set_xticks([])
+        ax.set_yticks([])
+        if k >= n:
+            ax.set_axis_off()
+            continue
+        img = images[k]
+        if img.shape[-1] == 1:
+            ax.imshow(img[..., 0], cmap="gray", vmin=0, vmax=255)
+        else:
+            ax.imshow(img)
+        wrong = int(labels[k]) != int(preds[k])
+        color = "red" if wrong else "black"
+        ax.set_title(f"true {_short(class_names[int(labels[k])])}\npred {_short(class_names[int(preds[k])])}",
+                     fontsize=8, color=color, fontweight="bold" if wrong else "normal")
+        for spine in ax.spines.values():  # a red frame makes errors findable at a glance
+            spine.set_edgecolor(color)
+            spine.set_linewidth(2.5 if wrong else 0.5)
+    n_wrong = int(np.sum(labels[:n] != preds[:n]))
+    fig.suptitle(f"{n} test images: {n_wrong} misclassified (red)", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

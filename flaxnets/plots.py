@@ -1,4 +1,4 @@
-"""Training plots (loss/accuracy curves, confusion matrix, sample grid) with matplotlib, imported lazily (Agg)."""
+"""Run pictures (loss/accuracy curves, confusion matrix, sample grid) with matplotlib, lazily (Agg)."""
 
 from __future__ import annotations
 
@@ -102,8 +102,9 @@ def plot_samples(images: np.ndarray, labels: np.ndarray, preds: np.ndarray, clas
             ax.imshow(img)
         wrong = int(labels[k]) != int(preds[k])
         color = "red" if wrong else "black"
-        ax.set_title(f"true {_short(class_names[int(labels[k])])}\npred {_short(class_names[int(preds[k])])}",
-                     fontsize=8, color=color, fontweight="bold" if wrong else "normal")
+        true, pred = (_short(class_names[int(v[k])]) for v in (labels, preds))
+        ax.set_title(f"true {true}\npred {pred}", fontsize=8, color=color,
+                     fontweight="bold" if wrong else "normal")
         for spine in ax.spines.values():  # a red frame makes errors findable at a glance
             spine.set_edgecolor(color)
             spine.set_linewidth(2.5 if wrong else 0.5)

@@ -1,4 +1,4 @@
-"""The note's corr2d exercise in JAX: learn the (1, 2) edge kernel back from the 6x8 image and its edges."""
+"""The note's corr2d exercise in JAX: learn the (1, 2) edge kernel from the 6x8 image and its edges."""
 
 from __future__ import annotations
 

@@ -74,8 +74,8 @@ def test_torch_seeded_start_reproduces_the_notes_pytorch_loop():
 def test_script_prints_the_notes_lines(capsys):
     assert learn_kernel_script.main([]) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert re.fullmatch(r"init \(N\(0, 1\) from JAX seed 0\): weight \[\[ ?-?\d\.\d{4}, -?\d\.\d{4}\]\], "
-                        r"bias -?\d\.\d{4}", lines[0])
+    assert re.fullmatch(r"init \(N\(0, 1\) from JAX seed 0\): "
+                        r"weight \[\[ ?-?\d\.\d{4}, -?\d\.\d{4}\]\], bias -?\d\.\d{4}", lines[0])
     assert [re.fullmatch(r"Step (\d+), loss \d+\.\d{3}", l).group(1) for l in lines[1:5]] == \
         ["5", "10", "15", "20"]
     k0, k1 = re.fullmatch(r"weight:  \[\[ ?(-?\d\.\d{4}), (-?\d\.\d{4})\]\]", lines[5]).groups()

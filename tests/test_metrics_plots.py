@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import csv
 import io
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -134,3 +136,10 @@ def test_samples_refuse_bad_input(tmp_path, images, message):
     n = len(images) if message is None else 4
     with pytest.raises(ValueError, match=message or "no images"):
         plot_samples(images, np.zeros(n, int), np.zeros(n, int), ["a", "b"], tmp_path / "s.png")
+
+
+def test_metrics_imports_no_jax_or_torch():
+    # the PyTorch engine and evaluate.py import it; it must not pull in either framework
+    code = "import sys, flaxnets.metrics; print(sorted({'jax', 'torch'} & set(sys.modules)))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"

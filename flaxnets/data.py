@@ -1,8 +1,9 @@
 """Datasets as plain numpy arrays (uint8 NHWC images, int32 labels); no jax or torch import.
 
 Sources: FashionMNIST/MNIST IDX files, CIFAR-10 python pickles, image folders, and
-tensorflow_datasets when it happens to be installed. Loaded arrays are cached as .npz under
-``~/.cache/flaxnets`` (``$FLAXNETS_CACHE`` overrides) so a second run starts in seconds.
+tensorflow-datasets (imported only when a named dataset needs it: TensorFlow is heavy). Loaded
+arrays are cached as .npz under ``~/.cache/flaxnets`` (``$FLAXNETS_CACHE`` overrides) so a second
+run starts in seconds.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import os
 import pickle
 import sys
 import tempfile
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -209,21 +211,81 @@ def cifar2_from_cifar10(ds: Dataset) -> Dataset:
                    class_names=list(CIFAR2_CLASSES), source=ds.source)
 
 
-# --------------------------------------------------------------------------- tfds (optional)
+# --------------------------------------------------------------------------- tensorflow-datasets
+TFDS_NAMES = {"fashion_mnist": "fashion_mnist", "cifar10": "cifar10", "cifar2": "cifar10"}
+TFDS_PROBE_SECONDS = 5.0  # a download starts only if its hosts answer within this time
+
+
 def _tfds_available() -> bool:
     import importlib.util
 
-    return importlib.util.find_spec("tensorflow_datasets") is not None
+    # importlib_resources: tfds 4.9.10 imports it without declaring it (tensorflow/datasets#11212)
+    return all(importlib.util.find_spec(m) is not None
+               for m in ("tensorflow_datasets", "tensorflow", "importlib_resources"))
 
 
-def _load_tfds(name: str, class_names: list[str]) -> Dataset:
-    import tensorflow_datasets as tfds  # optional, heavy: only imported when installed and needed
+def _tfds():  # noqa: ANN202 - the module; imported late because TensorFlow costs seconds and memory
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's C++ start-up chatter
+    import tensorflow_datasets as tfds
 
-    out = []
-    for split in ("train", "test"):
-        d = tfds.as_numpy(tfds.load(name, split=split, batch_size=-1, as_supervised=True))
-        out += [np.asarray(d[0], np.uint8), np.asarray(d[1], np.int32)]
-    return Dataset(*out, class_names=list(class_names), source=f"tfds:{name}")
+    return tfds
+
+
+def _tfds_prepared(tfds_name: str) -> bool:
+    """Whether tfds holds ``tfds_name`` prepared on disk: a file check (no download, no TF)."""
+    builder = _tfds().builder(tfds_name)
+    # is_prepared() logs a warning for a missing folder too; a fresh machine has none
+    return builder.data_path.is_dir() and bool(builder.is_prepared())
+
+
+def _tfds_unreachable(tfds_name: str) -> str | None:
+    """Why a tfds download of ``tfds_name`` cannot start (a host does not answer), or None."""
+    return _unreachable(_tfds().builder(tfds_name).url_infos)
+
+
+def _unreachable(urls: Iterable[str], timeout: float = TFDS_PROBE_SECONDS) -> str | None:
+    """The first of ``urls``' hosts that does not answer an HTTP HEAD within ``timeout`` s, or None.
+
+    tfds retries a failed connection 10 times with backoff (about 200 s here, where DNS fails at
+    once) and sets no timeout, so this bounded probe decides first. It runs in a daemon thread so
+    that a stuck DNS lookup, which no socket timeout covers, cannot hold the caller either.
+    """
+    import threading
+    from urllib.parse import urlsplit
+
+    import requests
+
+    by_host = {urlsplit(u).netloc: u for u in urls}
+    outcome: dict[str, str] = {}
+
+    def probe() -> None:
+        for host, url in by_host.items():
+            try:
+                requests.head(url, timeout=timeout, allow_redirects=False)
+            except requests.RequestException as e:
+                outcome["why"] = f"{host} is unreachable ({type(e).__name__})"
+                return
+        outcome["why"] = ""
+
+    worker = threading.Thread(target=probe, daemon=True)
+    worker.start()
+    worker.join(2 * timeout * len(by_host) + 1)  # connect + read timeout per host
+    why = outcome.get("why", f"no answer from {', '.join(by_host)} within {timeout:g} s")
+    return why or None
+
+
+def _load_tfds(tfds_name: str, class_names: list[str], download: bool) -> Dataset:
+    tfds = _tfds()
+    # Finite batches, not batch_size=-1: with unknown split sizes (tfds.testing.mock_data) tfds
+    # batches by sys.maxsize, which aborts TensorFlow 2.21 (tensorflow/tensorflow#105098).
+    splits = tfds.load(tfds_name, split=["train", "test"], batch_size=10_000, as_supervised=True,
+                       download=download)
+    arrays = []
+    for split in splits:
+        batches = list(tfds.as_numpy(split))
+        arrays += [np.concatenate([b[0] for b in batches]).astype(np.uint8),
+                   np.concatenate([b[1] for b in batches]).astype(np.int32)]
+    return Dataset(*arrays, class_names=list(class_names), source=f"tfds:{tfds_name}")
 
 
 # --------------------------------------------------------------------------- entry point + cache
@@ -261,46 +323,83 @@ def _load_npz(path: Path) -> Dataset:
                        class_names=[str(c) for c in z["class_names"]], source=str(z["source"]))
 
 
-def _no_data(name: str, hint: str) -> FileNotFoundError:
-    return FileNotFoundError(f"no data for {name!r}: {hint}")
+_HOW_TO_GET = {
+    "fashion_mnist": "`apt-get install dataset-fashion-mnist` (files land in {local}), or pass "
+                     "--data-dir DIR holding the four IDX files (train-images-idx3-ubyte.gz, ...)",
+    "cifar10": "pass --data-dir DIR with the CIFAR-10 python version (cifar-10-batches-py from "
+               "https://www.cs.toronto.edu/~kriz/cifar.html) or an image folder DIR/<class>/*.png",
+    "image_folder": "pass --data-dir DIR laid out as DIR/<class>/*.jpg or DIR/train/<class> and "
+                    "DIR/test/<class>",
+}
+_TFDS_CLASSES = {"fashion_mnist": FASHION_MNIST_CLASSES, "cifar10": CIFAR10_CLASSES}
 
 
-def _load_uncached(name: str, data_dir: Path | None, size: tuple[int, int] | None,
-                   channels: int) -> Dataset:
-    if name == "fashion_mnist":
-        if data_dir is not None:
-            return load_idx_dir(data_dir)
-        if _tfds_available():
-            return _load_tfds("fashion_mnist", FASHION_MNIST_CLASSES)
-        if LOCAL_FASHION_MNIST.is_dir():
-            print(f"tensorflow_datasets is not installed; using the local copy {LOCAL_FASHION_MNIST}",
-                  file=sys.stderr)
-            return load_idx_dir(LOCAL_FASHION_MNIST)
-        raise _no_data(name, "install it with `apt-get install dataset-fashion-mnist` (files land in "
-                       f"{LOCAL_FASHION_MNIST}), or pass --data-dir DIR holding the four IDX files "
-                       "(train-images-idx3-ubyte.gz, ...), or `pip install tensorflow-datasets`")
-    if name in ("cifar10", "cifar2"):
-        if data_dir is not None:
-            if any(data_dir.glob("**/data_batch_1")):
-                ds = load_cifar_pickles(next(data_dir.glob("**/data_batch_1")).parent)
-            else:
-                ds = load_image_folder(data_dir, size or (32, 32), channels)
-                if name == "cifar2" and ds.class_names == CIFAR10_CLASSES:
-                    return cifar2_from_cifar10(ds)
-                return ds
-        elif _tfds_available():
-            ds = _load_tfds("cifar10", CIFAR10_CLASSES)
-        else:
-            raise _no_data(name, "pass --data-dir DIR with the CIFAR-10 python version "
-                           "(cifar-10-batches-py from https://www.cs.toronto.edu/~kriz/cifar.html) "
-                           "or an image folder DIR/<class>/*.png, or `pip install tensorflow-datasets`")
+def _no_data(name: str, why: str) -> FileNotFoundError:
+    how = _HOW_TO_GET["cifar10" if name == "cifar2" else name].format(local=LOCAL_FASHION_MNIST)
+    if name in TFDS_NAMES:
+        how += (f", or on a machine with internet run `tfds build {TFDS_NAMES[name]}` (pip install "
+                "tensorflow-datasets tensorflow-cpu) and copy ~/tensorflow_datasets here")
+    return FileNotFoundError(f"no data for {name!r}: {why}. To get it: {how}")
+
+
+def _local_copy(name: str) -> Path | None:
+    return LOCAL_FASHION_MNIST if name == "fashion_mnist" else None
+
+
+def _pick_source(name: str, ddir: Path | None) -> tuple[str, Path | None]:
+    """('dir'|'tfds'|'local'|'download', directory or None): where ``name`` is read from.
+
+    Order: --data-dir; data tfds has prepared; the known local copy (said on stderr); a tfds
+    download if its hosts answer. Otherwise one FileNotFoundError that says how to get the data.
+    """
+    if ddir is not None:
+        return "dir", ddir
+    if name not in TFDS_NAMES:
+        raise _no_data(name, "no --data-dir given")
+    tfds_name = TFDS_NAMES[name]
+    have_tfds = _tfds_available()
+    if have_tfds and _tfds_prepared(tfds_name):
+        return "tfds", None
+    why = (f"tensorflow-datasets has no prepared {tfds_name}" if have_tfds
+           else "tensorflow-datasets is not installed")
+    local = _local_copy(name)
+    if local is not None and local.is_dir():
+        print(f"{why}; using the local copy {local}", file=sys.stderr)
+        return "local", local
+    if have_tfds:
+        unreachable = _tfds_unreachable(tfds_name)
+        if unreachable is None:
+            return "download", None
+        why += f" and cannot download it: {unreachable}"
+    raise _no_data(name, why)
+
+
+def _load_source(name: str, kind: str, path: Path | None, size: tuple[int, int] | None,
+                 channels: int) -> Dataset:
+    if kind in ("tfds", "download"):
+        tfds_name = TFDS_NAMES[name]
+        if kind == "download":
+            print(f"downloading {tfds_name} with tensorflow-datasets", file=sys.stderr)
+        try:
+            ds = _load_tfds(tfds_name, _TFDS_CLASSES[tfds_name], download=kind == "download")
+        except Exception as e:  # whatever tfds raised mid-download: still one clear message
+            if kind == "tfds":
+                raise
+            raise _no_data(name, f"the tensorflow-datasets download of {tfds_name} failed "
+                           f"({type(e).__name__}: {e})") from e
         return cifar2_from_cifar10(ds) if name == "cifar2" else ds
+    assert path is not None
+    if name == "fashion_mnist":
+        return load_idx_dir(path)
     if name == "image_folder":
-        if data_dir is None:
-            raise _no_data(name, "image_folder needs --data-dir DIR laid out as DIR/<class>/*.jpg "
-                           "or DIR/train/<class> and DIR/test/<class>")
-        return load_image_folder(data_dir, size or (224, 224), channels)
-    raise ValueError(f"unknown dataset {name!r}; expected one of {', '.join(DATASETS)}")
+        return load_image_folder(path, size or (224, 224), channels)
+    if any(path.glob("**/data_batch_1")):
+        ds = load_cifar_pickles(next(path.glob("**/data_batch_1")).parent)
+    else:
+        ds = load_image_folder(path, size or (32, 32), channels)
+        if ds.class_names != CIFAR10_CLASSES:
+            return ds  # an image folder of other classes is taken as it is
+    return cifar2_from_cifar10(ds) if name == "cifar2" else ds
 
 
 def load_dataset(name: str, data_dir: str | os.PathLike | None = None,
@@ -308,26 +407,25 @@ def load_dataset(name: str, data_dir: str | os.PathLike | None = None,
                  use_cache: bool = True) -> Dataset:
     """Load dataset ``name`` ('fashion_mnist', 'cifar10', 'cifar2', 'image_folder'), cached as .npz.
 
-    ``size`` (H, W) and ``channels`` apply to image folders only.
+    ``size`` (H, W) and ``channels`` apply to image folders only. Sources, in order: ``data_dir``,
+    data tensorflow-datasets has prepared, the Debian FashionMNIST copy, a tfds download.
     """
     if name not in DATASETS:
         raise ValueError(f"unknown dataset {name!r}; expected one of {', '.join(DATASETS)}")
     ddir = Path(data_dir).expanduser() if data_dir is not None else None
     if ddir is not None and not ddir.is_dir():
         raise FileNotFoundError(f"--data-dir {ddir} does not exist or is not a directory")
-    if ddir is None and name == "fashion_mnist" and not _tfds_available() and LOCAL_FASHION_MNIST.is_dir():
-        ddir_key = LOCAL_FASHION_MNIST  # key the cache on the local copy so it updates with it
-    else:
-        ddir_key = ddir
-    # size/channels only shape image folders; FashionMNIST and CIFAR pickles ignore them
+    kind, src_dir = _pick_source(name, ddir)
+    # size/channels only shape image folders; FashionMNIST and CIFAR pickles ignore them. A
+    # directory source keys the cache on its contents, so the cache follows changes to it.
     shape_key = (tuple(size) if size else None, channels) if name != "fashion_mnist" else None
-    path = cache_dir() / _cache_key(name, ddir_key, shape_key)
+    path = cache_dir() / _cache_key(name, src_dir, shape_key)
     if use_cache and path.is_file():
         try:
             return _load_npz(path)
         except (OSError, ValueError, KeyError):
             path.unlink(missing_ok=True)  # a corrupt cache entry is rebuilt
-    ds = _load_uncached(name, ddir, tuple(size) if size else None, channels)
+    ds = _load_source(name, kind, src_dir, tuple(size) if size else None, channels)
     if use_cache:
         try:
             _save_npz(path, ds)

@@ -1,15 +1,24 @@
-"""flaxnets.data: IDX files, image folders, CIFAR pickles, the cache and the error messages."""
+"""flaxnets.data: IDX files, image folders, CIFAR pickles, tfds (on mock data), the source order,
+the cache and the error messages. Nothing here touches the network."""
 
 from __future__ import annotations
 
+import http.server
+import os
 import pickle
+import socket
+import subprocess
+import sys
+import threading
+import time
 
 import numpy as np
 import pytest
+import tensorflow_datasets as tfds
 
 from flaxnets import data
-from flaxnets.data import (Dataset, load_cifar_pickles, load_dataset, load_idx_dir,
-                           load_image_folder, read_idx, write_idx)
+from flaxnets.data import (CIFAR10_CLASSES, FASHION_MNIST_CLASSES, Dataset, load_cifar_pickles,
+                           load_dataset, load_idx_dir, load_image_folder, read_idx, write_idx)
 
 Image = pytest.importorskip("PIL.Image")
 
@@ -159,3 +168,151 @@ def test_local_fashion_mnist_fallback(tmp_path, monkeypatch, capsys):
     ds = load_dataset("fashion_mnist")
     assert isinstance(ds, Dataset) and len(ds.x_train) == 3
     assert "using the local copy" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------- tensorflow-datasets
+def _tfds_state(monkeypatch, prepared, unreachable=None):
+    """Pretend tfds has (or lacks) prepared data; a download probe answers ``unreachable``."""
+    monkeypatch.setattr(data, "_tfds_prepared", lambda name: prepared)
+    monkeypatch.setattr(data, "_tfds_unreachable", lambda name: unreachable)
+
+
+def test_tfds_fashion_mnist_on_mock_data_comes_before_the_local_copy(tmp_path, monkeypatch, capsys):
+    _write_idx_dir(tmp_path / "fm")
+    monkeypatch.setattr(data, "LOCAL_FASHION_MNIST", tmp_path / "fm")  # there, but tfds is first
+    _tfds_state(monkeypatch, prepared=True)
+    with tfds.testing.mock_data(num_examples=9):
+        ds = load_dataset("fashion_mnist")
+    assert ds.source == "tfds:fashion_mnist" and "local copy" not in capsys.readouterr().err
+    assert ds.x_train.shape == ds.x_test.shape == (9, 28, 28, 1) and ds.x_train.dtype == np.uint8
+    assert ds.y_train.dtype == ds.y_test.dtype == np.int32 and set(ds.y_train) <= set(range(10))
+    assert ds.class_names == FASHION_MNIST_CLASSES and ds.x_train.max() > 0
+
+
+def test_tfds_cifar10_and_cifar2_on_mock_data(monkeypatch):
+    _tfds_state(monkeypatch, prepared=True)
+    with tfds.testing.mock_data(num_examples=60):
+        c10 = load_dataset("cifar10")
+        c2 = load_dataset("cifar2")
+    assert c10.x_train.shape == c10.x_test.shape == (60, 32, 32, 3)
+    assert c10.x_train.dtype == np.uint8
+    assert c10.class_names == CIFAR10_CLASSES and c2.class_names == ["airplane", "bird"]
+    for x10, y10, x2, y2 in ((c10.x_train, c10.y_train, c2.x_train, c2.y_train),
+                             (c10.x_test, c10.y_test, c2.x_test, c2.y_test)):
+        keep = (y10 == 0) | (y10 == 2)  # airplane and bird, relabelled 0 and 1
+        np.testing.assert_array_equal(x2, x10[keep])
+        np.testing.assert_array_equal(y2, np.where(y10[keep] == 2, 1, 0))
+        assert y2.dtype == np.int32 and set(y2) == {0, 1}
+
+
+def test_tfds_second_load_comes_from_the_cache(monkeypatch):
+    _tfds_state(monkeypatch, prepared=True)
+    with tfds.testing.mock_data(num_examples=5):
+        first = load_dataset("cifar10")
+    monkeypatch.setattr(data, "_load_tfds", lambda *a, **k: pytest.fail("cache not used"))
+    second = load_dataset("cifar10")  # outside mock_data: only the cache can answer
+    for a in ("x_train", "y_train", "x_test", "y_test"):
+        np.testing.assert_array_equal(getattr(first, a), getattr(second, a))
+    assert (second.class_names, second.source) == (CIFAR10_CLASSES, "tfds:cifar10")
+
+
+def test_data_dir_comes_before_tfds(tmp_path, monkeypatch):
+    _write_idx_dir(tmp_path / "fm")
+    monkeypatch.setattr(data, "_tfds_prepared", lambda name: pytest.fail("tfds asked first"))
+    assert load_dataset("fashion_mnist", tmp_path / "fm").source == str(tmp_path / "fm")
+
+
+def test_unprepared_tfds_falls_back_to_the_local_copy_without_a_download(tmp_path, monkeypatch, capsys):
+    _write_idx_dir(tmp_path / "fm", n_train=3, n_test=2)
+    monkeypatch.setattr(data, "LOCAL_FASHION_MNIST", tmp_path / "fm")
+    monkeypatch.setattr(data, "_tfds_prepared", lambda name: False)
+    monkeypatch.setattr(data, "_tfds_unreachable", lambda name: pytest.fail("download probed"))
+    ds = load_dataset("fashion_mnist")
+    assert ds.source == str(tmp_path / "fm") and len(ds.x_train) == 3
+    assert (f"tensorflow-datasets has no prepared fashion_mnist; using the local copy {tmp_path / 'fm'}"
+            in capsys.readouterr().err)
+
+
+def test_download_when_nothing_is_local_and_the_hosts_answer(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(data, "LOCAL_FASHION_MNIST", tmp_path / "absent")
+    probed = []
+    monkeypatch.setattr(data, "_tfds_unreachable", lambda name: probed.append(name))  # None: reachable
+    with tfds.testing.mock_data(num_examples=4):  # mocked: not prepared, and the download a no-op
+        ds = load_dataset("fashion_mnist")
+    assert probed == ["fashion_mnist"] and ds.source == "tfds:fashion_mnist"
+    assert ds.x_train.shape == (4, 28, 28, 1)
+    assert "downloading fashion_mnist with tensorflow-datasets" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name, tfds_name, hint", [
+    ("fashion_mnist", "fashion_mnist", "apt-get install dataset-fashion-mnist"),
+    ("cifar2", "cifar10", "cifar-10-batches-py"),
+])
+def test_no_source_left_is_one_clear_error(tmp_path, monkeypatch, name, tfds_name, hint):
+    monkeypatch.setattr(data, "LOCAL_FASHION_MNIST", tmp_path / "absent")
+    _tfds_state(monkeypatch, prepared=False, unreachable="example.org is unreachable (ConnectionError)")
+    monkeypatch.setattr(data, "_load_tfds", lambda *a, **k: pytest.fail("download tried anyway"))
+    with pytest.raises(FileNotFoundError) as err:
+        load_dataset(name)
+    msg = str(err.value)
+    assert msg.startswith(f"no data for {name!r}: tensorflow-datasets has no prepared {tfds_name} "
+                          "and cannot download it: example.org is unreachable (ConnectionError)")
+    assert hint in msg and f"tfds build {tfds_name}" in msg and "--data-dir" in msg
+
+
+def test_a_failing_download_is_one_clear_error(tmp_path, monkeypatch):
+    _tfds_state(monkeypatch, prepared=False, unreachable=None)
+
+    def broken(*args, **kwargs):
+        raise ConnectionError("connection reset by peer")
+
+    monkeypatch.setattr(data, "_load_tfds", broken)
+    with pytest.raises(FileNotFoundError, match=r"download of cifar10 failed \(ConnectionError: "
+                       r"connection reset by peer\)\. To get it: pass --data-dir"):
+        load_dataset("cifar10")
+
+
+class _Head(http.server.BaseHTTPRequestHandler):
+    def do_HEAD(self):  # noqa: N802 - the http.server naming
+        self.send_response(200)
+        self.end_headers()
+
+    def log_message(self, *args):
+        pass
+
+
+def test_download_probe_is_bounded(monkeypatch):
+    """Loopback only: a host that answers, a refused port, and one that accepts but never answers."""
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1")
+    server = http.server.HTTPServer(("127.0.0.1", 0), _Head)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    silent = socket.create_server(("127.0.0.1", 0))  # the kernel accepts; nobody ever replies
+    with socket.create_server(("127.0.0.1", 0)) as s:
+        refused = s.getsockname()[1]  # closed again: connections are refused
+    try:
+        assert data._unreachable([f"http://127.0.0.1:{server.server_port}/a.gz"], timeout=2) is None
+        assert "ConnectionError" in data._unreachable([f"http://127.0.0.1:{refused}/a.gz"], timeout=2)
+        t0 = time.monotonic()
+        why = data._unreachable([f"http://127.0.0.1:{silent.getsockname()[1]}/a.gz"], timeout=0.5)
+        assert time.monotonic() - t0 < 2.5
+        assert why == f"127.0.0.1:{silent.getsockname()[1]} is unreachable (ReadTimeout)"
+    finally:
+        server.shutdown()
+        silent.close()
+
+
+def test_tensorflow_is_imported_only_when_tfds_data_is_read(tmp_path):
+    """`import flaxnets.data`, a --data-dir load and the local-copy fallback leave TensorFlow out."""
+    _write_idx_dir(tmp_path / "fm")
+    code = ("import sys; from pathlib import Path; from flaxnets import data; "
+            "heavy = lambda: [m for m in ('tensorflow', 'tensorflow_datasets') if m in sys.modules]; "
+            "print(heavy()); "
+            f"data.load_dataset('fashion_mnist', {str(tmp_path / 'fm')!r}); print(heavy()); "
+            f"data.LOCAL_FASHION_MNIST = Path({str(tmp_path / 'fm')!r}); "
+            "print(data.load_dataset('fashion_mnist').source, heavy())")
+    env = dict(os.environ, FLAXNETS_CACHE=str(tmp_path / "cache"), TFDS_DATA_DIR=str(tmp_path / "tfds"))
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    # the real prepared-check (an empty TFDS_DATA_DIR) imports tfds but not TensorFlow
+    assert out.stdout.split("\n")[:3] == ["[]", "[]", f"{tmp_path / 'fm'} ['tensorflow_datasets']"]

@@ -93,9 +93,26 @@ def normalize_keys(state_dict: Mapping[str, Any]) -> OrderedDict[str, Any]:
     return out
 
 
+def _modules_in_definition_order(module: nnx.Module, path: tuple = ()
+                                 ) -> Iterator[tuple[tuple, nnx.Module]]:
+    """(path, module) in attribute-assignment order; nnx.iter_modules sorts names instead.
+
+    The Flax models assign their layers in the torch definitions' order, so this yields the
+    order of torch's own ``state_dict()`` (a key-by-key diff of exported files stays readable).
+    """
+    yield path, module
+    for name, value in vars(module).items():
+        if isinstance(value, nnx.Module):
+            yield from _modules_in_definition_order(value, (*path, name))
+        elif isinstance(value, (list, tuple)):
+            for i, v in enumerate(value):
+                if isinstance(v, nnx.Module):
+                    yield from _modules_in_definition_order(v, (*path, name, i))
+
+
 def _entries(model: nnx.Module) -> Iterator[tuple[str, Leaf, nnx.Variable]]:
-    """(torch key, rule leaf, Flax variable) for every tensor the model holds."""
-    for path, module in nnx.iter_modules(model):
+    """(torch key, rule leaf, Flax variable) for every tensor the model holds, in torch's order."""
+    for path, module in _modules_in_definition_order(model):
         leaves = RULES.get(type(module))
         if leaves is None:
             continue

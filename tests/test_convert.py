@@ -128,3 +128,9 @@ def test_old_torchvision_densenet_keys_are_renamed():
     assert list(normalize_keys(sd)) == ["features.denseblock1.denselayer1.norm1.weight",
                                         "features.denseblock3.denselayer24.conv2.weight",
                                         "features.transition1.norm.weight"]
+
+
+@pytest.mark.parametrize("name", ["lenet", "net_batchnorm", "resnet20", "densenet121_se"])
+def test_exported_keys_follow_torchs_own_order(name):
+    """A state_dict from Flax lists its keys as torch does (a diff of key lists stays readable)."""
+    assert list(flax_to_torch(flaxnets.create(name))) == list(torch_ref.create(name).state_dict())

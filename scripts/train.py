@@ -3,101 +3,246 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
+import platform
+import shutil
 import sys
 import time
 from datetime import datetime
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from flaxnets.registry import UnknownNetError, get_spec, list_nets  # noqa: E402
 
+# Free space asked of --out beyond the estimate: pictures, csv files, and slack.
+DISK_SLACK_BYTES = 64 << 20
+
 
 class ProgressBar:
-    """A one-line text progress bar on stderr, redrawn about 50 times per epoch."""
+    """A one-line text progress bar on stderr, redrawn about 30 times per epoch; silent when
+    stderr is not a terminal (logs get the epoch lines, not thousands of redraws)."""
 
-    def __init__(self, epochs: int, width: int = 30):
+    def __init__(self, epochs: int, width: int = 30, stream: Any = None):
         self.epochs, self.width, self.last = epochs, width, -1
+        self.stream = stream or sys.stderr
+        self.enabled = hasattr(self.stream, "isatty") and self.stream.isatty()
 
     def __call__(self, epoch: int, step: int, steps: int) -> None:
+        if not self.enabled:
+            return
         filled = self.width * step // steps
         if filled == self.last and step != steps:
             return
         self.last = filled
         bar = "#" * filled + "." * (self.width - filled)
-        sys.stderr.write(f"\repoch {epoch + 1}/{self.epochs} [{bar}] {step}/{steps}")
+        self.stream.write(f"\repoch {epoch + 1}/{self.epochs} [{bar}] {step}/{steps}")
         if step == steps:
-            sys.stderr.write("\r" + " " * (self.width + 40) + "\r")
+            self.stream.write("\r" + " " * (self.width + 40) + "\r")
             self.last = -1
-        sys.stderr.flush()
+        self.stream.flush()
 
 
 def epoch_line(row: dict, epochs: int) -> str:
     """One printed line per epoch."""
-    ev = "val" if "val_loss" in row else "test"
+    evals = "  ".join(f"{ev} loss {row[f'{ev}_loss']:.4f} acc {row[f'{ev}_acc']:.4f}"
+                      for ev in ("val", "test") if f"{ev}_loss" in row)
     return (f"epoch {row['epoch']:>3}/{epochs}  lr {row['lr']:.2g}  "
-            f"train loss {row['train_loss']:.4f} acc {row['train_acc']:.4f}  "
-            f"{ev} loss {row[f'{ev}_loss']:.4f} acc {row[f'{ev}_acc']:.4f}  "
+            f"train loss {row['train_loss']:.4f} acc {row['train_acc']:.4f}  {evals}  "
             f"{row['images_per_s']:,.0f} img/s  {row['seconds']:.1f} s")
 
 
-def main(argv: list[str] | None = None) -> int:
+class RunError(Exception):
+    """A problem reported as one line on stderr with exit status 1."""
+
+
+def versions() -> dict[str, str]:
+    """Versions of Python and the frameworks, for config.json."""
+    import importlib.metadata as md
+
+    out = {"python": platform.python_version()}
+    for pkg in ("jax", "jaxlib", "flax", "optax", "torch", "numpy"):
+        try:
+            out[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            out[pkg] = "not installed"
+    return out
+
+
+def prepare_out(run_dir: Path, need_bytes: int) -> None:
+    """Create ``run_dir`` and prove it writable with enough free space, before any training."""
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        probe = run_dir / ".write-test"
+        probe.write_bytes(b"0")
+        probe.unlink()
+    except OSError as e:
+        raise RunError(f"cannot write to --out {run_dir}: {e.strerror or e}") from None
+    free = shutil.disk_usage(run_dir).free
+    if free < need_bytes:
+        raise RunError(f"not enough disk space in {run_dir}: {free / 2**20:,.0f} MiB free, "
+                       f"the run's checkpoints and exports need about {need_bytes / 2**20:,.0f} MiB")
+
+
+def state_bytes(name: str, num_classes: int, optimizer_slots: int) -> int:
+    """Bytes of one training checkpoint of ``name``: float32 weights + optimiser slots."""
+    import jax
+    from flax import nnx
+
+    from flaxnets import create
+
+    model = nnx.eval_shape(lambda: create(name, num_classes=num_classes))
+    n = sum(v.size for v in jax.tree.leaves(nnx.state(model)))
+    return 4 * n * (1 + optimizer_slots)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("--net", required=True, help=f"one of: {', '.join(list_nets())}")
-    p.add_argument("--backend", default="jax", choices=["jax", "torch"])
+    p.add_argument("--net", help=f"one of: {', '.join(list_nets())}")
+    p.add_argument("--backend", choices=["jax", "torch"], help="training framework (default jax)")
     p.add_argument("--epochs", type=int, help="override the recipe's epoch count")
     p.add_argument("--batch-size", type=int, help="override the recipe's batch size")
     p.add_argument("--lr", type=float, help="override the recipe's learning rate")
     p.add_argument("--data-dir", help="dataset directory (IDX files, CIFAR pickles or an image folder)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, help="seed of initialisation, shuffling, augmentation (default 0)")
     p.add_argument("--out", help="run directory (default runs/<net>-<backend>-<timestamp>)")
+    p.add_argument("--resume", metavar="RUN_DIR",
+                   help="continue the run in RUN_DIR from its last checkpoint (--epochs may extend it)")
     args = p.parse_args(argv)
+    if args.resume is None and args.net is None:
+        p.error("--net is required (or --resume RUN_DIR)")
+    for flag in ("epochs", "batch_size"):
+        if getattr(args, flag) is not None and getattr(args, flag) < 1:
+            p.error(f"--{flag.replace('_', '-')} must be at least 1")
+    if args.lr is not None and not args.lr > 0:
+        p.error("--lr must be positive")
+    return args
+
+
+def resolve(args: argparse.Namespace) -> tuple[dict[str, Any], Path]:
+    """The run's settings (from the command line, or from RUN_DIR/config.json when resuming)."""
+    if args.resume:
+        run_dir = Path(args.resume)
+        try:
+            old = json.loads((run_dir / "config.json").read_text())
+        except (OSError, ValueError) as e:
+            raise RunError(f"cannot resume {run_dir}: no readable config.json ({e})") from None
+        for flag in ("net", "backend", "seed", "data_dir", "batch_size", "lr"):
+            given = getattr(args, flag)
+            stored = old["recipe"].get(flag) if flag in ("batch_size", "lr") else old.get(flag)
+            if given is not None and given != stored:
+                raise RunError(f"--{flag.replace('_', '-')} {given} differs from the run being "
+                               f"resumed ({stored}); a resumed run keeps its settings")
+        settings = {k: old[k] for k in ("net", "backend", "seed", "data_dir")}
+        settings["overrides"] = dict(old["overrides"], epochs=args.epochs or old["recipe"]["epochs"])
+        return settings, run_dir
+    settings = {"net": args.net, "backend": args.backend or "jax", "seed": args.seed or 0,
+                "data_dir": args.data_dir,
+                "overrides": {"epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr}}
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    run_dir = Path(args.out) if args.out else Path("runs") / f"{args.net}-{settings['backend']}-{stamp}"
+    return settings, run_dir
+
+
+def run(argv: list[str] | None) -> int:
+    args = parse_args(argv)
+    settings, run_dir = resolve(args)
+    name, backend, seed = settings["net"], settings["backend"], settings["seed"]
     try:
-        spec = get_spec(args.net)
+        spec = get_spec(name)
     except UnknownNetError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    if args.backend == "torch":
-        print("error: --backend torch is not implemented yet; use --backend jax", file=sys.stderr)
-        return 2
 
-    from flaxnets import create
     from flaxnets.data import load_dataset
-    from flaxnets.train import fit, format_summary, model_summary, recipe_for, write_run
+    from flaxnets.train import (NonFiniteLossError, checkpoint_paths, fit, format_summary,
+                                recipe_for, write_json, write_metrics_csv, write_run)
 
-    recipe = recipe_for(args.net, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr)
-    from flax import nnx
-
-    abstract = nnx.eval_shape(lambda: create(args.net, seed=args.seed))  # shapes only: no slow init
-    print(format_summary(args.net, *model_summary(abstract, spec.input_shape)))
+    recipe = recipe_for(name, **settings["overrides"])
     t0 = time.perf_counter()
     try:
-        data = load_dataset(recipe.dataset, args.data_dir, size=spec.input_shape[:2],
+        data = load_dataset(recipe.dataset, settings["data_dir"], size=spec.input_shape[:2],
                             channels=spec.input_shape[2])
     except (FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+        raise RunError(str(e)) from None
     print(f"data: {recipe.dataset} from {data.source}: {len(data.x_train)} train, "
           f"{len(data.x_test)} test, {data.num_classes} classes ({time.perf_counter() - t0:.1f} s)")
+
+    slots = 2 if recipe.optimizer == "adam" else int(bool(recipe.momentum))
+    one = state_bytes(name, data.num_classes, slots)
+    prepare_out(run_dir, 2 * one + 2 * one // (1 + slots) + DISK_SLACK_BYTES)  # last, best, 2 exports
+
+    if backend == "jax":
+        from flax import nnx
+
+        from flaxnets import create
+        from flaxnets.train import model_summary
+
+        abstract = nnx.eval_shape(lambda: create(name, num_classes=data.num_classes, seed=seed))
+        print(format_summary(name, *model_summary(abstract, data.image_shape)))
+    else:
+        import torch_ref
+        from torch_ref.train import model_summary as torch_summary
+
+        print(format_summary(name, *torch_summary(torch_ref.create(name, data.num_classes),
+                                                  data.image_shape)))
     print(f"recipe: {recipe}")
+    config = {"net": name, "backend": backend, "seed": seed, "data_dir": settings["data_dir"],
+              "data_source": data.source, "recipe": dataclasses.asdict(recipe),
+              "overrides": settings["overrides"], "command": [sys.executable, *sys.argv],
+              "versions": versions(), "started": datetime.now().isoformat(timespec="seconds")}
+    write_json(run_dir / "config.json", config)  # first: a resume needs it even after a crash
+    if args.resume:
+        print(f"resuming {run_dir} from {checkpoint_paths(run_dir, backend)['last']}")
+
+    rows: list[dict[str, Any]] = []
+
+    def on_epoch(row: dict[str, Any]) -> None:
+        rows.append(row)
+        write_metrics_csv(run_dir / "metrics.csv", rows)
+        print(epoch_line(row, recipe.epochs), flush=True)
+
     try:
-        result = fit(args.net, data, recipe, seed=args.seed, progress=ProgressBar(recipe.epochs),
-                     on_epoch=lambda row: print(epoch_line(row, recipe.epochs), flush=True))
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+        result = fit(name, data, recipe, seed=seed, progress=ProgressBar(recipe.epochs),
+                     on_epoch=on_epoch, backend=backend, run_dir=run_dir, resume=bool(args.resume))
+    except NonFiniteLossError as e:
+        last = checkpoint_paths(run_dir, backend)["last"]
+        kept = f"the last good checkpoint is {last}" if last.exists() else "no epoch finished"
+        raise RunError(f"{e}; stopped, {kept}") from None
+    except KeyboardInterrupt:
+        print(f"\ninterrupted; continue with: python scripts/train.py --resume {run_dir}",
+              file=sys.stderr)
+        return 130
     wall = time.perf_counter() - t0
-    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
-    run_dir = Path(args.out) if args.out else Path("runs") / f"{args.net}-{args.backend}-{stamp}"
-    config = {"net": args.net, "backend": args.backend, "seed": args.seed, "data_dir": args.data_dir,
-              "data_source": data.source, "recipe": recipe.__dict__, "wall_seconds": wall}
-    write_run(run_dir, config, result)
-    extra = f" (best val acc {result.info['best_val_acc']:.4f})" if result.eval_split == "val" else ""
+    write_run(run_dir, dict(config, wall_seconds=wall), result)
+    from parity.files import write_weights
+
+    sd = result.engine.torch_state_dict()
+    meta = {"net": name, "backend": backend, "test_acc": f"{result.test_acc:.6f}"}
+    for fname in ("model.pt", "model.safetensors"):
+        write_weights(run_dir / fname, name, sd, data.num_classes, meta=meta, force=True)
+    extra = (f" (best val acc {result.info['best_val_acc']:.4f} at epoch {result.info['best_epoch']})"
+             if result.eval_split == "val" else "")
     print(f"final test accuracy {result.test_acc:.4f}, loss {result.test_loss:.4f}{extra}; "
           f"compile {result.compile_seconds:.1f} s, wall {wall:.1f} s")
-    print(f"run written to {run_dir}: config.json, metrics.csv")
-    print(f"pictures: {run_dir / 'curves.png'}  {run_dir / 'confusion_matrix.png'}")
+    print(f"run written to {run_dir}: config.json, metrics.csv, per_class.csv, model.pt, "
+          f"model.safetensors, checkpoints/")
+    print(f"pictures: {run_dir / 'curves.png'}  {run_dir / 'confusion_matrix.png'}  "
+          f"{run_dir / 'samples.png'}")
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point: errors the user can fix are one line on stderr, never a traceback."""
+    from flaxnets.checkpoint import CheckpointError
+
+    try:
+        return run(argv)
+    except (RunError, CheckpointError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -162,13 +162,6 @@ def test_image_shape_mismatch_is_a_clear_error():
         fit("lenet", wide, recipe_for("lenet", epochs=1))
 
 
-def test_script_unknown_net_exits_2(capsys):
-    assert train_script.main(["--net", "nope"]) == 2
-    err = capsys.readouterr().err
-    assert err.startswith("error: unknown net 'nope'") and "Traceback" not in err
-    assert train_script.main(["--net", "lenet", "--backend", "torch"]) == 2
-
-
 def test_script_end_to_end(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("FLAXNETS_CACHE", str(tmp_path / "cache"))
     ds = synthetic(n_train=256, n_test=50, classes=10)

@@ -1,0 +1,249 @@
+"""What scripts/train.py leaves behind, resuming after Ctrl-C or a kill, and failing cleanly."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from flaxnets import checkpoint
+from flaxnets.data import write_idx
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+import train as train_script  # noqa: E402  (scripts/train.py)
+from test_train import synthetic  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+TIMING = ("images_per_s", "seconds")  # the only columns allowed to differ between runs
+
+
+@pytest.fixture(scope="module")
+def idx_dir(tmp_path_factory) -> Path:
+    """A small FashionMNIST-shaped IDX directory (10 classes, 320 train, 60 test images)."""
+    ds = synthetic(n_train=320, n_test=60, classes=10, seed=3)
+    d = tmp_path_factory.mktemp("idx")
+    for split, x, y in (("train", ds.x_train, ds.y_train), ("t10k", ds.x_test, ds.y_test)):
+        write_idx(d / f"{split}-images-idx3-ubyte.gz", x[..., 0])
+        write_idx(d / f"{split}-labels-idx1-ubyte.gz", y)
+    return d
+
+
+def base_args(idx_dir: Path, out: Path, backend: str, epochs: int = 3) -> list[str]:
+    return ["--net", "dilated", "--backend", backend, "--epochs", str(epochs), "--batch-size", "32",
+            "--lr", "0.003", "--data-dir", str(idx_dir), "--out", str(out)]
+
+
+def rows(run_dir: Path) -> list[dict[str, str]]:
+    """metrics.csv without the timing columns."""
+    return [{k: v for k, v in r.items() if k not in TIMING}
+            for r in csv.DictReader(open(run_dir / "metrics.csv"))]
+
+
+@pytest.fixture(scope="module", params=["jax", "torch"])
+def full_run(request, idx_dir, tmp_path_factory) -> tuple[str, Path]:
+    """One uninterrupted 3-epoch run of dilated (it validates: best and last checkpoints) per backend."""
+    out = tmp_path_factory.mktemp(f"full-{request.param}") / "run"
+    assert train_script.main(base_args(idx_dir, out, request.param)) == 0
+    return request.param, out
+
+
+def run_script(code: str, args: list[str], env_extra: dict[str, str] | None = None
+               ) -> subprocess.CompletedProcess:
+    """Run scripts/train.py with ``args`` in a fresh interpreter after executing ``code``."""
+    launcher = (f"import os, signal, sys, runpy\n{code}\n"
+                f"sys.argv = ['scripts/train.py', *sys.argv[1:]]\n"
+                f"runpy.run_path('scripts/train.py', run_name='__main__')\n")
+    env = dict(os.environ, JAX_PLATFORMS="cpu", **(env_extra or {}))
+    return subprocess.run([sys.executable, "-c", launcher, *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=600)
+
+
+def test_run_dir_holds_every_artefact(full_run):
+    backend, out = full_run
+    names = {p.name for p in out.iterdir()}
+    assert names >= {"config.json", "metrics.csv", "curves.png", "confusion_matrix.png",
+                     "per_class.csv", "samples.png", "model.pt", "model.safetensors", "checkpoints"}
+    suffix = ".flax" if backend == "jax" else ".pt"
+    assert {p.name for p in (out / "checkpoints").iterdir()} == {f"last{suffix}", f"best{suffix}"}
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["backend"] == backend and cfg["recipe"]["epochs"] == 3 and cfg["seed"] == 0
+    assert cfg["versions"]["jax"] and cfg["versions"]["torch"]
+    r = rows(out)
+    assert [x["epoch"] for x in r] == ["1", "2", "3"]
+    best = max(range(3), key=lambda i: (float(r[i]["val_acc"]), -i))  # first best epoch is kept
+    assert cfg["best_epoch"] == best + 1
+    assert float(r[best]["test_acc"]) == pytest.approx(cfg["test_acc"])
+    assert cfg["test_acc"] > 0.3  # learns the quadrant blocks; chance is 0.1
+    per = list(csv.DictReader(open(out / "per_class.csv")))
+    assert len(per) == 10 and sum(int(p["support"]) for p in per) == 60
+    assert sum(int(p["correct"]) for p in per) == round(cfg["test_acc"] * 60)
+    for png in ("curves.png", "confusion_matrix.png", "samples.png"):
+        assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_model_pt_loads_strictly_into_torch_ref(full_run, idx_dir):
+    import torch
+
+    import torch_ref
+    from flaxnets.data import load_idx_dir
+
+    backend, out = full_run
+    sd = torch.load(out / "model.pt", weights_only=True)
+    assert list(sd) == list(torch_ref.create("dilated").state_dict())  # torch's own key order
+    model = torch_ref.create("dilated")
+    model.load_state_dict(sd, strict=True)
+    model.eval()
+    ds = load_idx_dir(idx_dir)
+    x = torch.from_numpy(ds.x_test).permute(0, 3, 1, 2).float() / 255
+    with torch.no_grad():
+        acc = float((model(x).argmax(1).numpy() == ds.y_test).mean())
+    cfg = json.loads((out / "config.json").read_text())
+    assert acc == pytest.approx(cfg["test_acc"], abs=1 / 60)  # same predictions up to one image
+
+
+def test_kill_during_checkpoint_write_then_resume_is_bit_exact(full_run, idx_dir, tmp_path):
+    """SIGKILL while the second 'last' checkpoint is half written; resume; same metrics."""
+    backend = full_run[0]
+    out = tmp_path / "run"
+    kill = ("real = os.fsync\n"
+            "seen = [0]\n"
+            "def fsync(fd):\n"
+            "    path = os.readlink(f'/proc/self/fd/{fd}')\n"
+            "    if '.last.' in path and path.endswith('.tmp'):\n"
+            "        seen[0] += 1\n"
+            "        if seen[0] == 2:\n"
+            "            os.ftruncate(fd, os.fstat(fd).st_size // 2)\n"
+            "            os.kill(os.getpid(), signal.SIGKILL)\n"
+            "    return real(fd)\n"
+            "os.fsync = fsync\n")
+    p = run_script(kill, base_args(idx_dir, out, backend))
+    assert p.returncode == -9, p.stderr[-2000:]
+    last = out / "checkpoints" / f"last{'.flax' if backend == 'jax' else '.pt'}"
+    assert [t.name for t in last.parent.glob(".*.tmp")], "the half-written temporary file is left"
+    assert len(rows(out)) == 1  # epoch 2 trained but was not saved: metrics.csv follows the checkpoint
+    if backend == "jax":
+        assert checkpoint.load(last).meta["epoch"] == 1  # the old file is intact
+    assert train_script.main(["--resume", str(out)]) == 0
+    assert rows(out) == rows(full_run[1])
+    assert not list(last.parent.glob(".*.tmp"))
+    full = json.loads((full_run[1] / "config.json").read_text())
+    resumed = json.loads((out / "config.json").read_text())
+    assert resumed["test_acc"] == full["test_acc"] and resumed["resumed_from_epoch"] == 1
+
+
+def test_ctrl_c_then_resume_is_bit_exact(full_run, idx_dir, tmp_path):
+    """A real SIGINT during epoch 2: exit 130 with the resume command; resuming matches."""
+    backend, full = full_run
+    out = tmp_path / "run"
+    engine = ("from flaxnets.train import JaxEngine as E" if backend == "jax"
+              else "from torch_ref.train import TorchEngine as E")
+    interrupt = (f"{engine}\n"
+                 "orig = E.train_epoch\n"
+                 "def train_epoch(self, epoch, progress=None):\n"
+                 "    if epoch == 1:\n"
+                 "        os.kill(os.getpid(), signal.SIGINT)\n"
+                 "    return orig(self, epoch, progress)\n"
+                 "E.train_epoch = train_epoch\n")
+    p = run_script(interrupt, base_args(idx_dir, out, backend))
+    assert p.returncode == 130, p.stderr[-2000:]
+    assert f"continue with: python scripts/train.py --resume {out}" in p.stderr
+    assert "Traceback" not in p.stderr
+    assert len(rows(out)) == 1
+    assert train_script.main(["--resume", str(out)]) == 0
+    assert rows(out) == rows(full)
+
+
+@pytest.mark.parametrize("backend", ["jax", "torch"])
+def test_nan_loss_stops_with_step_and_keeps_last_good_checkpoint(backend, idx_dir, tmp_path,
+                                                                  monkeypatch, capsys):
+    """Weights poisoned with NaN before epoch 2: the run stops naming the step; epoch 1 is kept."""
+    import jax
+    import jax.numpy as jnp
+    import torch
+
+    from flaxnets.train import JaxEngine
+    from torch_ref.train import TorchEngine
+
+    engine_cls = JaxEngine if backend == "jax" else TorchEngine
+    orig = engine_cls.train_epoch
+
+    def poisoned(self, epoch, progress=None):
+        if epoch == 1:
+            if backend == "jax":
+                params, rest = self.state
+                self.state = (jax.tree.map(lambda a: a * jnp.nan, params), rest)
+            else:
+                with torch.no_grad():
+                    next(self.model.parameters()).fill_(float("nan"))
+        return orig(self, epoch, progress)
+
+    monkeypatch.setattr(engine_cls, "train_epoch", poisoned)
+    out = tmp_path / "run"
+    assert train_script.main(base_args(idx_dir, out, backend)) == 1
+    err = capsys.readouterr().err.strip()
+    suffix = ".flax" if backend == "jax" else ".pt"
+    assert err == (f"error: the training loss became nan at step 9 (epoch 2, step 1 of the epoch); "
+                   f"stopped, the last good checkpoint is {out / 'checkpoints' / ('last' + suffix)}")
+    assert len(rows(out)) == 1
+    if backend == "jax":
+        ck = checkpoint.load(out / "checkpoints" / "last.flax")
+        assert ck.meta["epoch"] == 1
+        assert all(np.isfinite(v).all() for v in ck.model.values())
+
+
+def test_resume_refuses_changed_settings_and_corrupt_checkpoints(full_run, tmp_path, capsys):
+    backend, full = full_run
+    assert train_script.main(["--resume", str(full), "--net", "lenet"]) == 1
+    assert "--net lenet differs from the run being resumed (dilated)" in capsys.readouterr().err
+    assert train_script.main(["--resume", str(tmp_path)]) == 1
+    assert "no readable config.json" in capsys.readouterr().err
+    if backend == "jax":
+        run = tmp_path / "copy"
+        import shutil
+
+        shutil.copytree(full, run)
+        last = run / "checkpoints" / "last.flax"
+        last.write_bytes(last.read_bytes()[:-100])
+        assert train_script.main(["--resume", str(run), "--epochs", "4"]) == 1
+        err = capsys.readouterr().err
+        assert "corrupt or truncated" in err and "Traceback" not in err
+
+
+def test_unwritable_out_and_full_disk_fail_before_training(idx_dir, tmp_path, monkeypatch, capsys):
+    import flaxnets.train
+
+    def no_training(*a, **k):
+        raise AssertionError("training started")
+
+    monkeypatch.setattr(flaxnets.train, "fit", no_training)
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    assert train_script.main(base_args(idx_dir, blocker / "run", "jax")) == 1
+    assert capsys.readouterr().err.startswith(f"error: cannot write to --out {blocker / 'run'}")
+
+    class Usage:
+        free = 10 << 20
+
+    monkeypatch.setattr(train_script.shutil, "disk_usage", lambda p: Usage)
+    assert train_script.main(base_args(idx_dir, tmp_path / "run", "jax")) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: not enough disk space") and "10 MiB free" in err
+
+
+def test_bad_command_lines(capsys):
+    assert train_script.main(["--net", "nope"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: unknown net 'nope'; valid nets: lenet, dilated")
+    with pytest.raises(SystemExit) as e:
+        train_script.main(["--net", "lenet", "--epochs", "0"])
+    assert e.value.code == 2 and "--epochs must be at least 1" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        train_script.main([])
+    assert "--net is required" in capsys.readouterr().err

@@ -1,0 +1,204 @@
+"""The PyTorch twin of the JAX engine: same recipe, data arrays, epoch loop and metrics.
+
+``flaxnets.train.fit(..., backend="torch")`` drives a ``TorchEngine`` through the same epoch
+loop as the JAX one, so the two backends can be compared run for run. The data stays in memory
+as one uint8 tensor (no DataLoader of PIL images); each batch is gathered, scaled, augmented and
+normalised with tensor ops. Every epoch draws its permutation and augmentation from a generator
+seeded by (seed, epoch), so an epoch depends only on the state at its start: resuming from an
+epoch checkpoint is bit-exact, as in JAX.
+"""
+
+from __future__ import annotations
+
+import copy
+import io
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+import torch_ref
+from flaxnets import checkpoint
+from flaxnets.train import (IMAGENET_MEAN, IMAGENET_STD, NAN_CHECK_EVERY, NonFiniteLossError, Recipe,
+                            Splits, first_non_finite, lr_schedule, steps_per_epoch)
+
+FORMAT = "flaxnets-torch-train-state"
+
+
+def _epoch_seed(seed: int, epoch: int) -> int:
+    return (seed * 1_000_003 + epoch) % (2**63)
+
+
+def random_crop_flip(x: torch.Tensor, gen: torch.Generator, pad: int = 4) -> torch.Tensor:
+    """Per-image random crop of the zero-padded NCHW batch back to its size, then a random h-flip."""
+    b, c, h, w = x.shape
+    xp = F.pad(x, (pad, pad, pad, pad))
+    off = torch.randint(0, 2 * pad + 1, (b, 2), generator=gen)
+    rows = (off[:, 0, None] + torch.arange(h))[:, None, :, None].expand(b, c, h, w + 2 * pad)
+    x = torch.gather(xp, 2, rows)
+    cols = (off[:, 1, None] + torch.arange(w))[:, None, None, :].expand(b, c, h, w)
+    x = torch.gather(x, 3, cols)
+    flip = torch.rand(b, generator=gen) < 0.5
+    return torch.where(flip[:, None, None, None], x.flip(3), x)
+
+
+class TorchEngine:
+    """Training state of one torch_ref net; the methods mirror ``flaxnets.train.JaxEngine``."""
+
+    backend = "torch"
+    suffix = ".pt"
+    devices = 1
+    compile_seconds = 0.0
+
+    def __init__(self, name: str, splits: Splits, num_classes: int, recipe: Recipe, seed: int):
+        self.name, self.recipe, self.seed, self.num_classes = name, recipe, seed, num_classes
+        self.steps = steps_per_epoch(len(splits.x_train), recipe.batch_size)
+        self.lr_at = lr_schedule(recipe, self.steps)
+        torch.manual_seed(seed)
+        self.model = torch_ref.create(name, num_classes=num_classes)
+        if recipe.optimizer == "adam":
+            self.opt = torch.optim.Adam(self.model.parameters(), lr=recipe.lr)
+        elif recipe.optimizer == "sgd":
+            self.opt = torch.optim.SGD(self.model.parameters(), lr=recipe.lr, momentum=recipe.momentum,
+                                       weight_decay=recipe.weight_decay)
+        else:
+            raise ValueError(f"unknown optimizer {recipe.optimizer!r}")
+        self.x_train = torch.from_numpy(np.ascontiguousarray(splits.x_train))
+        self.y_train = torch.from_numpy(splits.y_train.astype(np.int64))
+        self.evals = {k: (torch.from_numpy(np.ascontiguousarray(x)), torch.from_numpy(y.astype(np.int64)))
+                      for k, (x, y) in splits.eval_sets().items()}
+        self.mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
+        self.std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+
+    def _prep(self, x_uint8: torch.Tensor, gen: torch.Generator | None = None) -> torch.Tensor:
+        # NHWC uint8 -> NCHW float; permute() leaves the memory NHWC, i.e. channels-last.
+        x = x_uint8.permute(0, 3, 1, 2).float().div_(255.0)
+        if gen is not None and self.recipe.augment == "crop_flip":
+            x = random_crop_flip(x, gen)
+        if self.recipe.normalize == "imagenet":
+            x = (x - self.mean) / self.std
+        return x
+
+    def train_epoch(self, epoch: int, progress: Callable[[int, int, int], None] | None = None
+                    ) -> np.ndarray:
+        """Run one epoch; returns per-step [summed CE loss, correct count], shape (steps, 2)."""
+        bs, r = self.recipe.batch_size, self.recipe
+        for g in self.opt.param_groups:
+            g["lr"] = self.lr_at(epoch * self.steps)
+        gen = torch.Generator().manual_seed(_epoch_seed(self.seed, epoch))
+        torch.manual_seed(_epoch_seed(self.seed, epoch))  # dropout draws from the global generator
+        perm = torch.randperm(len(self.x_train), generator=gen)
+        self.model.train()
+        sums = np.zeros((self.steps, 2))
+        for i in range(self.steps):
+            idx = perm[i * bs:(i + 1) * bs]
+            x, y = self._prep(self.x_train[idx], gen), self.y_train[idx]
+            logits = self.model(x)
+            ce = F.cross_entropy(logits, y)
+            loss = ce
+            if r.l2:  # the material's net_batchnorm: loss + l2 * sum of squares of all parameters
+                loss = loss + r.l2 * sum(p.pow(2.0).sum() for p in self.model.parameters())
+            self.opt.zero_grad(set_to_none=True)
+            loss.backward()
+            self.opt.step()
+            sums[i] = (ce.item() * bs, (logits.argmax(1) == y).sum().item())
+            if progress:
+                progress(epoch, i + 1, self.steps)
+            if (i + 1) % NAN_CHECK_EVERY == 0 or i + 1 == self.steps:
+                start = (i // NAN_CHECK_EVERY) * NAN_CHECK_EVERY
+                bad = first_non_finite(sums[start:i + 1, 0])
+                if bad is not None:
+                    raise NonFiniteLossError(epoch, start + bad, epoch * self.steps + start + bad,
+                                             float(sums[start + bad, 0]))
+        return sums
+
+    @torch.inference_mode()
+    def evaluate(self, split: str) -> tuple[float, float, np.ndarray]:
+        """(mean loss, accuracy, predictions) on 'val' or 'test' with the current weights."""
+        x_all, y_all = self.evals[split]
+        self.model.eval()
+        loss, preds = 0.0, []
+        bs = self.recipe.batch_size
+        for i in range(0, len(x_all), bs):
+            logits = self.model(self._prep(x_all[i:i + bs]))
+            y = y_all[i:i + bs]
+            loss += F.cross_entropy(logits, y, reduction="sum").item()
+            preds.append(logits.argmax(1))
+        self.model.train()
+        p = torch.cat(preds)
+        return loss / len(y_all), float((p == y_all).double().mean()), p.numpy()
+
+    def get_state(self) -> dict[str, Any]:
+        """A copy of the full training state (weights, buffers, optimiser)."""
+        return {"model": {k: v.detach().clone() for k, v in self.model.state_dict().items()},
+                "optimizer": copy.deepcopy(self.opt.state_dict())}
+
+    def set_state(self, snapshot: dict[str, Any]) -> None:
+        """Continue from ``snapshot`` (from ``get_state`` or ``load_state``)."""
+        self.model.load_state_dict(snapshot["model"], strict=True)
+        self.opt.load_state_dict(copy.deepcopy(snapshot["optimizer"]))
+
+    def save_state(self, snapshot: dict[str, Any], path: Path, meta: dict[str, Any]) -> Path:
+        """Write ``snapshot`` and ``meta`` as one torch file (loadable with weights_only=True)."""
+        buf = io.BytesIO()
+        torch.save({"format": FORMAT, "net": self.name, "num_classes": self.num_classes,
+                    "meta": json.dumps(meta, default=str), **snapshot}, buf)
+        return checkpoint.atomic_write_bytes(path, buf.getvalue())
+
+    def load_state(self, path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+        """(snapshot, meta) from a file written by ``save_state`` for this net."""
+        try:
+            d = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:  # torch raises many types for truncated/corrupt zip files
+            raise checkpoint.CheckpointError(f"cannot read {path}: {e}") from None
+        if not isinstance(d, dict) or d.get("format") != FORMAT:
+            raise checkpoint.CheckpointError(f"{path} is not a flaxnets torch training checkpoint")
+        if d["net"] != self.name or d["num_classes"] != self.num_classes:
+            raise checkpoint.CheckpointError(
+                f"{path} is a checkpoint of {d['net']!r} with {d['num_classes']} classes, not "
+                f"{self.name!r} with {self.num_classes}")
+        return {"model": d["model"], "optimizer": d["optimizer"]}, json.loads(d["meta"])
+
+    def final_model(self) -> torch.nn.Module:
+        """The torch model holding the current weights."""
+        return self.model
+
+    def torch_state_dict(self) -> dict[str, np.ndarray]:
+        """The current weights as a state_dict of numpy arrays."""
+        return {k: v.detach().cpu().numpy().copy() for k, v in self.model.state_dict().items()}
+
+
+def model_summary(model: torch.nn.Module, input_shape: tuple[int, int, int]
+                  ) -> tuple[list[tuple[str, str, str, int]], int]:
+    """Rows (path, layer type, output shape NCHW, params) of the leaf layers, and the total params.
+
+    The torch counterpart of ``flaxnets.train.model_summary`` (same rows, printed by the same
+    ``format_summary``): output shapes from forward hooks during one eval-mode call on zeros.
+    """
+    leaves = [(p, m) for p, m in model.named_modules() if p and not any(True for _ in m.children())]
+    shapes: dict[str, str] = {}
+    def record(path: str) -> Callable[..., None]:
+        def hook(mod: torch.nn.Module, inp: Any, out: torch.Tensor) -> None:  # None: output kept
+            shapes.setdefault(path, str(tuple(out.shape)).replace(" ", ""))
+        return hook
+
+    hooks = [m.register_forward_hook(record(p)) for p, m in leaves]
+    h, w, c = input_shape
+    was_training = model.training
+    try:
+        model.eval()
+        with torch.inference_mode():
+            model(torch.zeros(1, c, h, w))
+    finally:
+        for hk in hooks:
+            hk.remove()
+        model.train(was_training)
+    rows = [(p, type(m).__name__, shapes.get(p, "-"), sum(t.numel() for t in m.parameters()))
+            for p, m in leaves]
+    order = {p: i for i, p in enumerate(shapes)}
+    rows.sort(key=lambda r: order.get(r[0], len(order)))  # forward-pass order; uncalled last
+    return rows, sum(t.numel() for t in model.parameters() if t.requires_grad)

@@ -1,0 +1,421 @@
+"""Weight files in every format people hand around, read and written the same way everywhere.
+
+Formats: PyTorch pickles (``.pt``/``.pth``/``.th``/``.bin``, zip or legacy pre-1.6 format),
+``.safetensors`` (torch ``state_dict`` layout and key names) and the flaxnets checkpoint
+(``.flax``, ``flaxnets.checkpoint``). ``read_weights`` takes a file as found (wrappers such as
+``{"state_dict": ..., "epoch": ...}``, ``module.``/``_orig_mod.`` prefixes, CUDA-saved tensors,
+torchvision's old ``norm.1`` keys) and returns a torch-layout ``state_dict`` of numpy arrays
+plus notes on what it unwrapped, stripped or ignored. ``write_weights`` writes any of the
+formats atomically and never over an existing file unless told to. ``convert_file`` is
+``scripts/convert.py``: read, convert strictly, compare both frameworks' logits, write.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import pickle
+import warnings
+from collections import OrderedDict
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+import flaxnets
+from flaxnets import checkpoint
+from flaxnets.introspect import count_params
+from parity.check import LOGIT_RTOL, _call, _forward, nchw_to_nhwc
+from parity.convert import _as_numpy, load_state_dict, normalize_keys, to_numpy_state_dict
+
+TORCH_SUFFIXES = (".pt", ".pth", ".th", ".bin")
+SAFETENSORS_SUFFIX = ".safetensors"
+FORMAT_NAMES = {"torch": "PyTorch pickle", "safetensors": "safetensors", "flax": "flaxnets checkpoint"}
+# Keys under which training scripts store the model's state_dict, most specific first.
+WRAPPER_KEYS = ("state_dict", "model_state_dict", "model", "net")
+# Key prefixes added by DataParallel/DDP and by torch.compile; stripped when every key has one.
+STRIP_PREFIXES = ("module.", "_orig_mod.")
+
+
+class WeightsFileError(ValueError):
+    """A file that cannot be read or written as asked; the message is one line meant for users."""
+
+
+class ConversionCheckError(RuntimeError):
+    """Converted weights do not compute the same logits in both frameworks, or do not read back."""
+
+
+@dataclass
+class Weights:
+    """Weights read from one file, in torch layout and key names, and how they were found."""
+
+    state_dict: OrderedDict[str, np.ndarray]
+    num_classes: int
+    format: str  # "torch", "safetensors" or "flax"
+    sha256: str
+    notes: list[str] = field(default_factory=list)  # what was unwrapped, stripped, renamed, ignored
+    meta: dict[str, Any] = field(default_factory=dict)  # the file's own metadata, if it has any
+
+
+# --------------------------------------------------------------------------- formats
+def output_format(path: str | os.PathLike) -> str:
+    """The format a file name asks for ("torch", "safetensors", "flax"); WeightsFileError otherwise."""
+    suffix = Path(path).suffix.lower()
+    if suffix in TORCH_SUFFIXES:
+        return "torch"
+    if suffix == SAFETENSORS_SUFFIX:
+        return "safetensors"
+    if suffix == checkpoint.SUFFIX:
+        return "flax"
+    raise WeightsFileError(f"{path}: unknown weights file type {suffix or '(no suffix)'!r}; use one of "
+                           f"{', '.join(TORCH_SUFFIXES + (SAFETENSORS_SUFFIX, checkpoint.SUFFIX))}")
+
+
+def detect_format(path: str | os.PathLike) -> str:
+    """The format of an existing file, from its first bytes (so a misnamed file still reads)."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(16)
+    except OSError as e:
+        raise WeightsFileError(f"cannot read {path}: {e.strerror or e}") from None
+    if head.startswith(checkpoint.MAGIC):
+        return "flax"
+    if head.startswith(b"PK\x03\x04") or head[:1] == b"\x80":  # torch zip / legacy pickle
+        return "torch"
+    if len(head) > 8 and head[8:9] == b"{":  # u64 header length, then the JSON header
+        return "safetensors"
+    raise WeightsFileError(f"{path} is not a PyTorch, safetensors or flaxnets weights file")
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    """Hex SHA-256 of a file, read in chunks (weights files can be large)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def infer_num_classes(net: str, state_dict: Mapping[str, Any]) -> int | None:
+    """Rows of the net's classifier weight (``spec.head``), or None if the state_dict has none."""
+    head = state_dict.get(f"{flaxnets.get_spec(net).head}.weight")
+    return None if head is None else int(head.shape[0])
+
+
+def same_state_dict(a: Mapping[str, np.ndarray], b: Mapping[str, np.ndarray]) -> bool:
+    """Bit-exact equality: same keys (in any order: safetensors sorts them), dtypes, shapes, values."""
+    return set(a) == set(b) and all(
+        np.asarray(a[k]).dtype == np.asarray(b[k]).dtype and np.array_equal(a[k], b[k]) for k in a)
+
+
+# --------------------------------------------------------------------------- reading
+def _unwrap(obj: Any, path: Path, notes: list[str]) -> Mapping[str, Any]:
+    """The tensor dict inside what torch.load returned, descending through wrapper dicts."""
+    import torch
+
+    while True:
+        if not isinstance(obj, Mapping) or not obj:
+            raise WeightsFileError(f"{path} holds a {type(obj).__name__}"
+                                   f"{' (empty)' if isinstance(obj, Mapping) else ''}, not a state_dict")
+        if all(isinstance(v, torch.Tensor) for v in obj.values()):
+            return obj
+        key = next((k for k in WRAPPER_KEYS if isinstance(obj.get(k), Mapping)), None)
+        if key is None:
+            found = ", ".join(f"{k} ({type(v).__name__})" for k, v in list(obj.items())[:12])
+            raise WeightsFileError(f"{path}: no state_dict found: the dict holds {found}; expected "
+                                   f"tensors or a dict of them under one of {', '.join(WRAPPER_KEYS)}")
+        others = [str(k) for k in obj if k != key]
+        notes.append(f"took the state_dict under {key!r}"
+                     + (f"; ignored {', '.join(others)}" if others else ""))
+        obj = obj[key]
+
+
+def _strip_prefixes(state_dict: Mapping[str, Any], notes: list[str]) -> OrderedDict[str, Any]:
+    """Remove ``module.``/``_orig_mod.`` (in any order, repeatedly) where every key carries it."""
+    sd = OrderedDict(state_dict)
+    stripped = True
+    while stripped:
+        stripped = False
+        for prefix in STRIP_PREFIXES:
+            if all(k.startswith(prefix) for k in sd):
+                sd = OrderedDict((k[len(prefix):], v) for k, v in sd.items())
+                notes.append(f"stripped the prefix {prefix!r} from every key")
+                stripped = True
+    return sd
+
+
+def _add_num_batches_tracked(sd: OrderedDict[str, Any], notes: list[str]) -> OrderedDict[str, Any]:
+    """Give a file saved before PyTorch 0.4.1 (BatchNorm layers, no ``num_batches_tracked`` at all,
+    e.g. torchvision's published DenseNets) the counter 0, as torch's own loader does for them.
+
+    A file that has the counter for some BatchNorm layers and not others is left to the strict
+    conversion, which reports each missing key.
+    """
+    if any(k.endswith(".num_batches_tracked") for k in sd):
+        return sd
+    out: OrderedDict[str, Any] = OrderedDict()
+    added = 0
+    for key, value in sd.items():
+        out[key] = value
+        if key.endswith(".running_var"):
+            out[key[: -len("running_var")] + "num_batches_tracked"] = np.array(0, dtype=np.int64)
+            added += 1
+    if added:
+        notes.append(f"added num_batches_tracked = 0 to {added} BatchNorm layers (the file predates "
+                     f"PyTorch 0.4.1; torch's load_state_dict does the same)")
+    return out
+
+
+def _unsafe_reason(message: str) -> str:
+    """The line of torch's weights-only refusal that names what the pickle wanted to run."""
+    for line in message.splitlines():
+        if "GLOBAL" in line or "Unsupported" in line:
+            return line.strip().rstrip(".")
+    return "it contains objects other than tensors and plain containers"
+
+
+def read_torch_state_dict(path: str | os.PathLike) -> tuple[OrderedDict[str, np.ndarray], list[str]]:
+    """A PyTorch pickle's state_dict as numpy arrays, plus notes, loaded without running code.
+
+    ``torch.load(weights_only=True)`` onto the CPU (zip or legacy format, CUDA-saved or not);
+    a pickle that needs arbitrary objects is refused with WeightsFileError, never executed.
+    """
+    import torch
+
+    path, notes, locations = Path(path), [], set()
+
+    def to_cpu(storage: Any, location: str) -> Any:  # records where the tensors were saved
+        locations.add(location)
+        return storage
+
+    try:
+        with warnings.catch_warnings():  # torch warns about legacy pickle protocols
+            warnings.simplefilter("ignore")
+            obj = torch.load(path, map_location=to_cpu, weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise WeightsFileError(f"{path} refused: loading it would need arbitrary unpickling "
+                               f"({_unsafe_reason(str(e))}); only tensors and plain containers are "
+                               f"loaded (weights_only=True). If you trust the file, re-save its "
+                               f"state_dict with torch.save(model.state_dict(), ...)") from None
+    except (RuntimeError, EOFError, OSError, ValueError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise WeightsFileError(f"{path} cannot be read as a PyTorch file: {first}") from None
+    with open(path, "rb") as f:
+        if f.read(2) == b"\x80\x02":
+            notes.append("legacy (pre-1.6, non-zip) torch format")
+    on_gpu = sorted(loc for loc in locations if loc != "cpu")
+    if on_gpu:
+        notes.append(f"tensors saved on {', '.join(on_gpu)}, loaded onto the CPU")
+    sd = _strip_prefixes(_unwrap(obj, path, notes), notes)
+    return OrderedDict((k, _as_numpy(v)) for k, v in sd.items()), notes
+
+
+def _read_safetensors(path: Path) -> tuple[OrderedDict[str, np.ndarray], dict[str, str], list[str]]:
+    """Tensors (through torch, so bf16/fp16 files read too), the header metadata, notes."""
+    from safetensors import SafetensorError, safe_open
+
+    notes: list[str] = []
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = dict(f.metadata() or {})
+            sd = OrderedDict((k, _as_numpy(f.get_tensor(k))) for k in f.keys())
+    except (SafetensorError, OSError) as e:
+        raise WeightsFileError(f"{path} cannot be read as safetensors: {e}") from None
+    if not sd:
+        raise WeightsFileError(f"{path} holds no tensors")
+    return _strip_prefixes(sd, notes), meta, notes
+
+
+def _read_flax(path: Path, net: str, num_classes: int | None,
+               model: nnx.Module | None) -> tuple[nnx.Module, checkpoint.Checkpoint]:
+    """The checkpoint's model (loaded into ``model`` if given), checking net and class count."""
+    ckpt = checkpoint.load(path)
+    if ckpt.net != net:
+        raise WeightsFileError(f"{path} holds {ckpt.net!r} weights, not {net!r}")
+    if num_classes is not None and num_classes != ckpt.num_classes:
+        raise WeightsFileError(f"{path} has {ckpt.num_classes} classes, not {num_classes}")
+    if model is None:
+        model = flaxnets.create(net, num_classes=ckpt.num_classes)
+    return checkpoint.flat_into_model(model, ckpt.model), ckpt
+
+
+def _read(path: str | os.PathLike, net: str, num_classes: int | None,
+          model: nnx.Module | None) -> tuple[Weights, nnx.Module | None]:
+    """``read_weights``, also returning the Flax model a ``.flax`` file was loaded into."""
+    flaxnets.get_spec(net)
+    path = Path(path)
+    fmt = detect_format(path)
+    sha = sha256_file(path)
+    notes: list[str] = []
+    suffix_fmt = None
+    try:
+        suffix_fmt = output_format(path)
+    except WeightsFileError:
+        pass
+    if suffix_fmt not in (None, fmt):
+        notes.append(f"the file is a {FORMAT_NAMES[fmt]} although its name says {FORMAT_NAMES[suffix_fmt]}")
+    if fmt == "flax":
+        fmodel, ckpt = _read_flax(path, net, num_classes, model)
+        if ckpt.train is not None:
+            notes.append(f"ignored the training state stored with the weights ({len(ckpt.train)} arrays)")
+        return Weights(to_numpy_state_dict(fmodel), ckpt.num_classes, fmt, sha, notes, ckpt.meta), fmodel
+    if fmt == "torch":
+        sd, more = read_torch_state_dict(path)
+        meta: dict[str, Any] = {}
+    else:
+        sd, meta, more = _read_safetensors(path)
+        if meta.get("net", net) != net:
+            raise WeightsFileError(f"{path} holds {meta['net']!r} weights (its metadata says), not {net!r}")
+    notes += more
+    normalized = normalize_keys(sd)
+    renamed = sum(a != b for a, b in zip(sd, normalized))
+    if renamed:
+        notes.append(f"renamed {renamed} old-style torchvision keys (norm.1 -> norm1)")
+    normalized = _add_num_batches_tracked(normalized, notes)
+    inferred = infer_num_classes(net, normalized)
+    if num_classes is None:
+        num_classes = inferred if inferred is not None else flaxnets.get_spec(net).num_classes
+        how = f"from {flaxnets.get_spec(net).head}.weight" if inferred is not None else "the registry default"
+        notes.append(f"num_classes {num_classes} ({how})")
+    return Weights(normalized, num_classes, fmt, sha, notes, meta), None
+
+
+def read_weights(path: str | os.PathLike, net: str, num_classes: int | None = None,
+                 model: nnx.Module | None = None) -> Weights:
+    """Read any supported weights file of net ``net`` as a torch-layout state_dict of numpy arrays.
+
+    The format comes from the file's content. ``num_classes`` defaults to the rows of the
+    classifier weight; ``model`` (a Flax ``net``) saves building one when reading a ``.flax``.
+    The state_dict is not yet checked against the net: ``torch_to_flax`` does that strictly.
+    """
+    return _read(path, net, num_classes, model)[0]
+
+
+def read_flax_model(path: str | os.PathLike, net: str, num_classes: int | None = None,
+                    model: nnx.Module | None = None) -> tuple[nnx.Module, Weights]:
+    """A Flax model of ``net`` holding the weights of any supported file, strictly, and the Weights.
+
+    Loads into ``model`` when given (all of its tensors are replaced), else builds a new one.
+    """
+    weights, fmodel = _read(path, net, num_classes, model)
+    if fmodel is None:
+        fmodel = model if model is not None else flaxnets.create(net, num_classes=weights.num_classes)
+        load_state_dict(fmodel, weights.state_dict, what=f"Flax {net}")
+    return fmodel, weights
+
+
+# --------------------------------------------------------------------------- writing
+def _serialize(fmt: str, state_dict: Mapping[str, np.ndarray], metadata: dict[str, str]) -> bytes:
+    """The bytes of a torch pickle (a bare state_dict) or of a safetensors file."""
+    if fmt == "safetensors":
+        from safetensors.numpy import save
+
+        return save(dict(state_dict), metadata=metadata)
+    import torch
+
+    buf = io.BytesIO()
+    torch.save(OrderedDict((k, torch.from_numpy(v)) for k, v in state_dict.items()), buf)
+    return buf.getvalue()
+
+
+def write_weights(path: str | os.PathLike, net: str, weights: nnx.Module | Mapping[str, Any],
+                  num_classes: int | None = None, *, source: str | os.PathLike | None = None,
+                  meta: Mapping[str, Any] | None = None, force: bool = False) -> Path:
+    """Write a Flax model or a torch-layout state_dict of ``net`` in the format ``path`` names.
+
+    Atomic (temporary file + rename); refuses an existing ``path`` unless ``force``.
+    safetensors files carry metadata (net, num_classes, ``source`` file name and sha256, ``meta``
+    as strings); ``.flax`` files carry the same in their meta; torch files are a bare state_dict.
+    """
+    path = Path(path)
+    fmt = output_format(path)
+    flaxnets.get_spec(net)
+    if path.exists() and not force:
+        raise WeightsFileError(f"{path} already exists; not overwriting it without --force (force=True)")
+    if isinstance(weights, nnx.Module):
+        sd = to_numpy_state_dict(weights)
+    else:
+        sd = OrderedDict((k, np.array(_as_numpy(v), order="C")) for k, v in normalize_keys(weights).items())
+    if num_classes is None:
+        num_classes = infer_num_classes(net, sd) or flaxnets.get_spec(net).num_classes
+    info: dict[str, Any] = {"net": net, "num_classes": num_classes}
+    if source is not None:
+        info.update(source=Path(source).name, source_sha256=sha256_file(source))
+    info.update(meta or {})
+    if fmt == "flax":
+        fmodel = weights if isinstance(weights, nnx.Module) else load_state_dict(
+            flaxnets.create(net, num_classes=num_classes), sd, what=f"Flax {net}")
+        return checkpoint.save_model(path, net, fmodel, num_classes, info)
+    metadata = {"format": "pt", **{k: str(v) for k, v in info.items()}}  # "pt": what HF loaders expect
+    return checkpoint.atomic_write_bytes(path, _serialize(fmt, sd, metadata))
+
+
+# --------------------------------------------------------------------------- converting
+def logit_delta(net: str, state_dict: Mapping[str, Any], fmodel: nnx.Module, seed: int = 0,
+                batch: int = 2) -> tuple[float, float, tuple[int, ...]]:
+    """Eval-mode logits of torch (holding ``state_dict``) vs ``fmodel`` on a fixed random batch.
+
+    Returns (max|Δ|, the parity tolerance 1e-5·max(1, max|torch logits|), input shape NCHW).
+    """
+    import torch
+    import torch_ref
+
+    spec = flaxnets.get_spec(net)
+    tmodel = torch_ref.create(net, num_classes=infer_num_classes(net, state_dict))
+    tmodel.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in state_dict.items()}, strict=True)
+    tmodel.eval()
+    fmodel.eval()
+    h, w, c = spec.check_shape
+    x = np.random.RandomState(seed).randn(batch, c, h, w).astype(np.float32)
+    with torch.no_grad():
+        want = tmodel(torch.from_numpy(x)).numpy()
+    got = np.asarray(_call(_forward, spec.module == "densenet", fmodel, jnp.asarray(nchw_to_nhwc(x))))
+    if got.shape != want.shape:
+        raise ConversionCheckError(f"logits have shape {got.shape} in Flax, {want.shape} in torch")
+    delta = float(np.max(np.abs(got.astype(np.float64) - want)))
+    return delta, LOGIT_RTOL * max(1.0, float(np.max(np.abs(want)))), x.shape
+
+
+@dataclass
+class Conversion:
+    """What ``convert_file`` read, checked and wrote."""
+
+    src: Path
+    dst: Path
+    net: str
+    weights: Weights  # as read from src
+    params: int
+    delta: float  # max|Δ| of the eval logits, torch vs Flax
+    tolerance: float
+    batch_shape: tuple[int, ...]
+    dst_format: str
+
+
+def convert_file(src: str | os.PathLike, dst: str | os.PathLike, net: str, num_classes: int | None = None,
+                 force: bool = False) -> Conversion:
+    """Convert weights file ``src`` of ``net`` into ``dst`` (formats from content and file name).
+
+    Strict conversion into the Flax net, then both frameworks' eval logits on a fixed random
+    batch must agree within the parity tolerance (else ConversionCheckError, nothing written);
+    the written file is read back and must equal the converted weights bit for bit.
+    """
+    src, dst = Path(src), Path(dst)
+    dst_format = output_format(dst)
+    if dst.exists() and not force:  # before the (possibly long) read
+        raise WeightsFileError(f"{dst} already exists; not overwriting it without --force")
+    fmodel, weights = read_flax_model(src, net, num_classes)
+    sd = to_numpy_state_dict(fmodel)
+    delta, tol, shape = logit_delta(net, sd, fmodel)
+    if not delta <= tol:  # NaN fails too
+        raise ConversionCheckError(f"torch and Flax logits differ by {delta:.2e} > tolerance {tol:.2e}; "
+                                   f"nothing written")
+    write_weights(dst, net, fmodel, weights.num_classes, source=src, force=force)
+    back = read_weights(dst, net, model=fmodel if dst_format == "flax" else None).state_dict
+    if not same_state_dict(back, sd):
+        raise ConversionCheckError(f"{dst} was written but does not read back bit-exact")
+    return Conversion(src, dst, net, weights, count_params(fmodel), delta, tol, shape, dst_format)

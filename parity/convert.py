@@ -82,6 +82,26 @@ class StateDictMismatchError(ValueError):
                   for k, e, g in mismatched]
         super().__init__("\n".join(lines))
 
+    def summary(self) -> str:
+        """One line: the counts and the first problem of each kind."""
+        first = [f"missing {self.missing[0]}" if self.missing else "",
+                 f"unexpected {self.unexpected[0]}" if self.unexpected else "",
+                 (f"{self.mismatched[0][0]} is {tuple(self.mismatched[0][2])}, expected "
+                  f"{tuple(self.mismatched[0][1])}") if self.mismatched else ""]
+        return f"{str(self).splitlines()[0]} (first: {'; '.join(f for f in first if f)})"
+
+
+def check_state_dict(expected: Mapping[str, tuple[int, ...]], state_dict: Mapping[str, Any],
+                     what: str = "model") -> None:
+    """Raise StateDictMismatchError unless ``state_dict`` has exactly the keys and shapes expected."""
+    missing = [key for key in expected if key not in state_dict]
+    unexpected = [key for key in state_dict if key not in expected]
+    mismatched = [(key, tuple(want), tuple(_as_numpy(state_dict[key]).shape))
+                  for key, want in expected.items()
+                  if key in state_dict and tuple(_as_numpy(state_dict[key]).shape) != tuple(want)]
+    if missing or unexpected or mismatched:
+        raise StateDictMismatchError(missing, unexpected, mismatched, what)
+
 
 def normalize_keys(state_dict: Mapping[str, Any]) -> OrderedDict[str, Any]:
     """Rename keys spelled the old way (``KEY_ALIASES``) to the names our modules use."""
@@ -141,18 +161,8 @@ def load_state_dict(model: nnx.Module, state_dict: Mapping[str, Any], what: str 
     """
     state_dict = normalize_keys(state_dict)
     entries = list(_entries(model))
-    expected = {key for key, _, _ in entries}
-    missing = [key for key, _, _ in entries if key not in state_dict]
-    unexpected = [key for key in state_dict if key not in expected]
-    mismatched = []
-    for key, leaf, var in entries:
-        if key in state_dict:
-            want = leaf.torch_shape(tuple(var[...].shape))
-            got = tuple(_as_numpy(state_dict[key]).shape)
-            if want != got:
-                mismatched.append((key, want, got))
-    if missing or unexpected or mismatched:
-        raise StateDictMismatchError(missing, unexpected, mismatched, what)
+    check_state_dict({key: leaf.torch_shape(tuple(var[...].shape)) for key, leaf, var in entries},
+                     state_dict, what)
     for key, leaf, var in entries:
         value = leaf.to_flax(_as_numpy(state_dict[key]))
         # np.array copies: on CPU jnp.asarray may alias the buffer of a torch tensor's numpy

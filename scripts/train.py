@@ -15,7 +15,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from flaxnets.registry import UnknownNetError, get_spec, list_nets  # noqa: E402
+from flaxnets.registry import UnknownNetError, check_image_shape, get_spec, list_nets  # noqa: E402
 
 # Free space asked of --out beyond the estimate: pictures, csv files, and slack.
 DISK_SLACK_BYTES = 64 << 20
@@ -170,6 +170,7 @@ def run(argv: list[str] | None) -> int:
     print(f"data: {recipe.dataset} from {data.source}: {len(data.x_train)} train, "
           f"{len(data.x_test)} test, {data.num_classes} classes ({time.perf_counter() - t0:.1f} s)")
 
+    check_image_shape(name, data.image_shape)  # before the summary traces the net with it
     slots = 2 if recipe.optimizer == "adam" else int(bool(recipe.momentum))
     one = state_bytes(name, data.num_classes, slots)
     prepare_out(run_dir, 2 * one + 2 * one // (1 + slots) + DISK_SLACK_BYTES)  # last, best, 2 exports

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -206,8 +207,6 @@ def test_resume_refuses_changed_settings_and_corrupt_checkpoints(full_run, tmp_p
     assert "no readable config.json" in capsys.readouterr().err
     if backend == "jax":
         run = tmp_path / "copy"
-        import shutil
-
         shutil.copytree(full, run)
         last = run / "checkpoints" / "last.flax"
         last.write_bytes(last.read_bytes()[:-100])
@@ -247,3 +246,110 @@ def test_bad_command_lines(capsys):
     with pytest.raises(SystemExit):
         train_script.main([])
     assert "--net is required" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------- scripts/evaluate.py
+sys.path.insert(0, str(ROOT / "scripts"))
+import evaluate as evaluate_script  # noqa: E402  (scripts/evaluate.py)
+
+
+def test_evaluate_other_backend_reports_the_runs_accuracy(full_run, idx_dir, tmp_path, capsys):
+    """Weights trained in one framework, evaluated in the other, from every file the run left."""
+    backend, out = full_run
+    other = "torch" if backend == "jax" else "jax"
+    test_acc = json.loads((out / "config.json").read_text())["test_acc"]
+    suffix = ".flax" if backend == "jax" else ".pt"
+    for weights in (out, out / "model.pt", out / "model.safetensors",
+                    out / "checkpoints" / f"best{suffix}"):
+        rc = evaluate_script.main(["--net", "dilated", "--weights", str(weights), "--backend", other,
+                                   "--data-dir", str(idx_dir), "--out", str(tmp_path / "ev")])
+        text = capsys.readouterr().out
+        assert rc == 0
+        acc = float(text.split("test accuracy ")[1].split(",")[0])
+        assert acc == pytest.approx(test_acc, abs=1e-3), weights
+        assert "class:T-shirt/top, total num:" in text  # the per-class table
+    assert {p.name for p in (tmp_path / "ev").iterdir()} == {"confusion_matrix.png", "per_class.csv",
+                                                           "samples.png"}
+
+
+def test_evaluate_on_an_image_folder(full_run, tmp_path, capsys):
+    """Gray PNGs at twice the size are resized to 28x28; channels and class count must match."""
+    from PIL import Image
+
+    _, out = full_run
+    ds = synthetic(n_train=200, n_test=0, classes=10, seed=5)
+    for c in range(10):
+        for i in np.flatnonzero(ds.y_train == c)[:2]:
+            d = tmp_path / "folder" / f"class{c}"
+            d.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(ds.x_train[i, :, :, 0]).resize((56, 56)).save(d / f"{i}.png")
+    args = ["--net", "dilated", "--weights", str(out / "model.pt"), "--out", str(tmp_path / "ev")]
+    assert evaluate_script.main([*args, "--data-dir", str(tmp_path / "folder")]) == 0
+    assert "(all images), 20 images" in capsys.readouterr().out
+    for c in range(3, 10):
+        shutil.rmtree(tmp_path / "folder" / f"class{c}")
+    assert evaluate_script.main([*args, "--data-dir", str(tmp_path / "folder")]) == 1
+    assert "the weights have 10 classes but the data has 3" in capsys.readouterr().err
+    Image.new("RGB", (28, 28)).save(tmp_path / "folder" / "class0" / "rgb.png")
+    assert evaluate_script.main([*args, "--data-dir", str(tmp_path / "folder")]) == 1
+    assert "rgb.png: image has mode 'RGB', expected a 1-channel" in capsys.readouterr().err
+
+
+def test_evaluate_refuses_bad_weights(full_run, idx_dir, tmp_path, capsys):
+    import pickle
+
+    _, out = full_run
+    common = ["--data-dir", str(idx_dir), "--out", str(tmp_path / "ev")]
+
+    def run(net, weights, *extra):
+        rc = evaluate_script.main(["--net", net, "--weights", str(weights), *common, *extra])
+        err = capsys.readouterr().err
+        assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+        return rc, err
+
+    rc, err = run("lenet", out / "model.pt")  # another net's weights
+    assert rc == 1 and "does not hold 'lenet' weights" in err and "missing conv.0.weight" in err
+    rc, err = run("lenet", out)
+    assert rc == 1 and "is a run of 'dilated', not 'lenet'" in err
+    for name in ("model.pt", "model.safetensors"):
+        cut = tmp_path / name
+        cut.write_bytes((out / name).read_bytes()[:5000])  # truncated
+        rc, err = run("dilated", cut)
+        assert rc == 1 and str(cut) in err
+    bad = tmp_path / "bad.flax"
+    ck = (out / "checkpoints").glob("last.flax")
+    for f in ck:
+        raw = bytearray(f.read_bytes())
+        raw[-10] ^= 0xFF
+        bad.write_bytes(bytes(raw))
+        rc, err = run("dilated", bad)
+        assert rc == 1 and "corrupt or truncated" in err
+    marker = tmp_path / "pwned"
+
+    class Evil:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    evil = tmp_path / "evil.pt"
+    evil.write_bytes(pickle.dumps({"conv1.0.weight": Evil()}))
+    rc, err = run("dilated", evil)
+    assert rc == 1 and not marker.exists()
+    rc, err = run("dilated", out, "--mean", "0.5", "0.5", "0.5", "--std", "0.2", "0.2", "0.2")
+    assert rc == 1 and "--mean needs 1 values for 'dilated', got 3" in err
+    assert evaluate_script.main(["--net", "nope", "--weights", str(out)]) == 2
+    assert capsys.readouterr().err.startswith("error: unknown net 'nope'; valid nets:")
+
+
+def test_training_refuses_images_of_the_wrong_size(tmp_path, capsys):
+    ds = synthetic(n_train=64, n_test=8, classes=10)
+    d = tmp_path / "idx"
+    d.mkdir()
+    big = np.pad(ds.x_train[..., 0], ((0, 0), (2, 2), (2, 2)))
+    write_idx(d / "train-images-idx3-ubyte.gz", big)
+    write_idx(d / "train-labels-idx1-ubyte.gz", ds.y_train)
+    write_idx(d / "t10k-images-idx3-ubyte.gz", np.pad(ds.x_test[..., 0], ((0, 0), (2, 2), (2, 2))))
+    write_idx(d / "t10k-labels-idx1-ubyte.gz", ds.y_test)
+    assert train_script.main(["--net", "lenet", "--epochs", "1", "--data-dir", str(d),
+                              "--out", str(tmp_path / "run")]) == 1
+    assert capsys.readouterr().err == ("error: net 'lenet' takes 28x28 images, the data has 32x32 "
+                                       "(resize the data or pick a net made for that size)\n")

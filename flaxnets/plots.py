@@ -17,16 +17,20 @@ def _pyplot():
     return plt
 
 
-def plot_curves(metrics: list[dict[str, Any]], path: str | Path, eval_split: str = "test") -> Path:
-    """Two panels, loss and accuracy vs epoch, train vs ``eval_split`` ('val' or 'test')."""
+def plot_curves(metrics: list[dict[str, Any]], path: str | Path, best_epoch: int | None = None) -> Path:
+    """Two panels, loss and accuracy vs epoch: train and every evaluated split (val, test);
+    ``best_epoch`` (the kept weights of a validating recipe) is marked with a dashed line."""
     plt = _pyplot()
     from matplotlib.ticker import MaxNLocator
 
     epochs = [m["epoch"] for m in metrics]
+    splits = [s for s in ("train", "val", "test") if f"{s}_loss" in metrics[0]]
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     for ax, what in zip(axes, ("loss", "acc")):
-        ax.plot(epochs, [m[f"train_{what}"] for m in metrics], "o-", label="train")
-        ax.plot(epochs, [m[f"{eval_split}_{what}"] for m in metrics], "s-", label=eval_split)
+        for split, marker in zip(splits, "os^"):
+            ax.plot(epochs, [m[f"{split}_{what}"] for m in metrics], f"{marker}-", label=split)
+        if best_epoch:
+            ax.axvline(best_epoch, color="gray", linestyle="--", linewidth=1, label="kept (best val)")
         ax.set_xlabel("epoch")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_ylabel("cross-entropy loss" if what == "loss" else "accuracy")

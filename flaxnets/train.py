@@ -630,7 +630,7 @@ def write_run(run_dir: str | Path, config: dict[str, Any], result: FitResult) ->
                compile_seconds=result.compile_seconds, class_names=result.class_names, **result.info)
     write_json(run_dir / "config.json", cfg)
     write_metrics_csv(run_dir / "metrics.csv", result.metrics)
-    plots.plot_curves(result.metrics, run_dir / "curves.png", eval_split=result.eval_split)
+    plots.plot_curves(result.metrics, run_dir / "curves.png", best_epoch=result.info.get("best_epoch"))
     plots.plot_confusion(result.confusion, result.class_names, run_dir / "confusion_matrix.png",
                          title=f"test accuracy {result.test_acc:.4f}")
     metrics.write_per_class(result.confusion, result.class_names, run_dir / "per_class.csv")

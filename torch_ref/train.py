@@ -54,12 +54,14 @@ class TorchEngine:
     devices = 1
     compile_seconds = 0.0
 
-    def __init__(self, name: str, splits: Splits, num_classes: int, recipe: Recipe, seed: int):
+    def __init__(self, name: str, splits: Splits, num_classes: int, recipe: Recipe, seed: int,
+                 channels_last: bool = False):
         self.name, self.recipe, self.seed, self.num_classes = name, recipe, seed, num_classes
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self.steps = steps_per_epoch(len(splits.x_train), recipe.batch_size)
         self.lr_at = lr_schedule(recipe, self.steps)
         torch.manual_seed(seed)
-        self.model = torch_ref.create(name, num_classes=num_classes)
+        self.model = torch_ref.create(name, num_classes=num_classes).to(memory_format=self.memory_format)
         if recipe.optimizer == "adam":
             self.opt = torch.optim.Adam(self.model.parameters(), lr=recipe.lr)
         elif recipe.optimizer == "sgd":
@@ -75,13 +77,13 @@ class TorchEngine:
         self.std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
 
     def _prep(self, x_uint8: torch.Tensor, gen: torch.Generator | None = None) -> torch.Tensor:
-        # NHWC uint8 -> NCHW float; permute() leaves the memory NHWC, i.e. channels-last.
+        # NHWC uint8 -> NCHW float in the engine's memory format (permute() alone leaves NHWC memory)
         x = x_uint8.permute(0, 3, 1, 2).float().div_(255.0)
         if gen is not None and self.recipe.augment == "crop_flip":
             x = random_crop_flip(x, gen)
         if self.recipe.normalize == "imagenet":
             x = (x - self.mean) / self.std
-        return x
+        return x.contiguous(memory_format=self.memory_format)
 
     def train_epoch(self, epoch: int, progress: Callable[[int, int, int], None] | None = None
                     ) -> np.ndarray:

@@ -243,8 +243,37 @@ def make_optimizer(recipe: Recipe, steps_per_epoch: int
 
 
 def data_mesh() -> Mesh:
-    """A 1-D mesh over all devices with the batch axis 'data'."""
+    """A 1-D mesh over all devices (of every process, when multi-host) with the batch axis 'data'."""
     return Mesh(np.asarray(jax.devices()), ("data",))
+
+
+def replicate(tree: Any, sharding: NamedSharding) -> Any:
+    """Place host values (identical on every process) on all devices of ``sharding``.
+
+    One process: ``device_put``. Several (after ``jax.distributed.initialize``): each process
+    contributes its own identical copy (``make_array_from_process_local_data``).
+    """
+    if jax.process_count() == 1:
+        return jax.device_put(tree, sharding)
+
+    def one(a: Any) -> jax.Array:
+        if isinstance(a, jax.Array) and jax.dtypes.issubdtype(a.dtype, jax.dtypes.prng_key):
+            data = jax.make_array_from_process_local_data(sharding, np.asarray(jax.random.key_data(a)))
+            return jax.random.wrap_key_data(data, impl=jax.random.key_impl(a))
+        return jax.make_array_from_process_local_data(sharding, np.asarray(a))
+
+    return jax.tree.map(one, tree)
+
+
+def local_copy(tree: Any) -> Any:
+    """Replicated arrays as this process's own single-device copies (the same thing on one host)."""
+    return jax.tree.map(lambda a: a if not isinstance(a, jax.Array) or a.is_fully_addressable
+                        else a.addressable_data(0), tree)
+
+
+def to_host(x: jax.Array) -> np.ndarray:
+    """A replicated array as numpy; multi-host, from this process's own copy."""
+    return np.asarray(local_copy(x))
 
 
 def _pad_to(x: np.ndarray, y: np.ndarray, multiple: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -288,13 +317,13 @@ class JaxEngine:
         gd_eval = nnx.split(model, nnx.Param, ...)[0]
         model.train()
         tx, self.lr_at = make_optimizer(recipe, steps)
-        self.state = jax.device_put((params, rest), repl)
-        self.opt_state = jax.device_put(tx.init(params), repl)
-        self.x_dev, self.y_dev = jax.device_put((splits.x_train, splits.y_train.astype(np.int32)), repl)
+        self.state = replicate((params, rest), repl)
+        self.opt_state = replicate(tx.init(params), repl)
+        self.x_dev, self.y_dev = replicate((splits.x_train, splits.y_train.astype(np.int32)), repl)
         self.evals = {}
         for split_name, (xs, ys) in splits.eval_sets().items():
             xp, yp, mp = _pad_to(xs, ys, bs)  # all examples evaluated: pad and mask the tail
-            self.evals[split_name] = (jax.device_put((xp, yp, mp), repl), len(xs))
+            self.evals[split_name] = (replicate((xp, yp, mp), repl), len(xs))
 
         def train_batch(state, opt_state, x_all, y_all, perm, i, key):
             idx = jax.lax.dynamic_slice_in_dim(perm, i * bs, bs)
@@ -306,7 +335,8 @@ class JaxEngine:
         def eval_batch(state, x_all, y_all, m_all, i):
             sl = [jax.lax.with_sharding_constraint(jax.lax.dynamic_slice_in_dim(a, i * bs, bs), batch_sh)
                   for a in (x_all, y_all, m_all)]
-            return eval_step(gd_eval, state, *sl, recipe=recipe)
+            sums, pred = eval_step(gd_eval, state, *sl, recipe=recipe)
+            return sums, jax.lax.with_sharding_constraint(pred, repl)  # gathered: every host reads it
 
         def permutation(key):
             return jax.random.permutation(key, self.n_train).astype(jnp.int32)
@@ -339,7 +369,7 @@ class JaxEngine:
             if progress:
                 progress(epoch, i + 1, self.steps)
             if (i + 1) % NAN_CHECK_EVERY == 0 or i + 1 == self.steps:
-                losses = np.asarray(jnp.stack(sums[checked:]))[:, 0]
+                losses = to_host(jnp.stack(sums[checked:]))[:, 0]
                 bad = first_non_finite(losses)
                 if bad is not None:  # the epoch-start state was donated: the engine is spent
                     self.state = self.opt_state = None
@@ -347,7 +377,7 @@ class JaxEngine:
                                              float(losses[bad]))
                 checked = i + 1
         self.state, self.opt_state = state, opt_state
-        return np.asarray(jnp.stack(sums))
+        return to_host(jnp.stack(sums))
 
     def evaluate(self, split: str) -> tuple[float, float, np.ndarray]:
         """(mean loss, accuracy, predictions) on 'val' or 'test' with the current weights."""
@@ -357,9 +387,9 @@ class JaxEngine:
             s, p = self.eval_fns[split](self.state, xe, ye, me, np.int32(i))
             sums.append(s)
             preds.append(p)
-        tot = np.asarray(jnp.sum(jnp.stack(sums), axis=0))
+        tot = to_host(jnp.sum(jnp.stack(sums), axis=0))
         return float(tot[0] / tot[2]), float(tot[1] / tot[2]), np.concatenate(
-            [np.asarray(p) for p in preds])[:n]
+            [to_host(p) for p in preds])[:n]
 
     def get_state(self) -> Any:
         """A copy of the full training state (weights, batch stats, optimiser)."""
@@ -371,7 +401,7 @@ class JaxEngine:
 
     def save_state(self, snapshot: Any, path: Path, meta: dict[str, Any]) -> Path:
         """Write ``snapshot`` and ``meta`` as one checkpoint file, atomically."""
-        (params, rest), opt_state = snapshot
+        (params, rest), opt_state = local_copy(snapshot)
         self._merge(params, rest)
         return checkpoint.save(path, checkpoint.Checkpoint(
             self.name, self.num_classes, checkpoint.model_to_flat(self.model),
@@ -391,7 +421,7 @@ class JaxEngine:
         opt_state = checkpoint.unflatten_like(self.opt_state if self.opt_state is not None
                                               else self._opt_template, ck.train, "optimiser state")
         repl = NamedSharding(data_mesh(), P())
-        return jax.device_put(((params, rest), opt_state), repl), ck.meta
+        return replicate(((params, rest), opt_state), repl), ck.meta
 
     @property
     def _opt_template(self) -> Any:
@@ -403,7 +433,7 @@ class JaxEngine:
 
     def final_model(self) -> nnx.Module:
         """The nnx model holding the current weights (train mode)."""
-        self._merge(*self.state)
+        self._merge(*local_copy(self.state))
         self.model.train()
         return self.model
 
@@ -472,6 +502,7 @@ def fit(name: str, data: Dataset, recipe: Recipe | None = None, seed: int = 0,
     validating = splits.x_val is not None
     eval_split = "val" if validating else "test"
     paths = checkpoint_paths(run_dir, backend) if run_dir is not None else None
+    writes = paths is not None and jax.process_index() == 0  # multi-host: process 0 writes
     meta_base = {"net": name, "backend": backend, "seed": seed, "num_classes": data.num_classes,
                  "recipe": dataclasses.asdict(recipe)}
 
@@ -505,10 +536,10 @@ def fit(name: str, data: Dataset, recipe: Recipe | None = None, seed: int = 0,
         improved = validating and row["val_acc"] > best_acc
         if improved:
             best_acc, best_epoch = row["val_acc"], epoch + 1
-        if improved or paths is not None:
+        if improved or writes:
             snap = engine.get_state()
             best_state = snap if improved else best_state
-            if paths is not None:
+            if writes:
                 meta = dict(meta_base, epoch=epoch + 1, metrics=metrics, best_val_acc=best_acc,
                             best_epoch=best_epoch)
                 engine.save_state(snap, paths["last"], meta)

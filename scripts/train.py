@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import platform
 import shutil
 import sys
@@ -108,6 +109,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--data-dir", help="dataset directory (IDX files, CIFAR pickles or an image folder)")
     p.add_argument("--seed", type=int, help="seed of initialisation, shuffling, augmentation (default 0)")
     p.add_argument("--out", help="run directory (default runs/<net>-<backend>-<timestamp>)")
+    p.add_argument("--distributed", action="store_true",
+                   help="multi-host JAX: jax.distributed.initialize() from the environment (SLURM, "
+                        "Open MPI, TPU, or JAX_COORDINATOR_ADDRESS/JAX_NUM_PROCESSES/JAX_PROCESS_ID); "
+                        "process 0 writes the run directory")
     p.add_argument("--resume", metavar="RUN_DIR",
                    help="continue the run in RUN_DIR from its last checkpoint (--epochs may extend it)")
     args = p.parse_args(argv)
@@ -150,6 +155,21 @@ def run(argv: list[str] | None) -> int:
     args = parse_args(argv)
     settings, run_dir = resolve(args)
     name, backend, seed = settings["net"], settings["backend"], settings["seed"]
+    primary = True  # the process that writes the run directory
+    if args.distributed:
+        if backend != "jax":
+            raise RunError("--distributed is for the JAX backend")
+        import jax
+
+        # Cluster environments (SLURM, Open MPI, Kubernetes, Cloud TPU) are detected by JAX; a
+        # manual launch sets JAX_COORDINATOR_ADDRESS (read by JAX), JAX_NUM_PROCESSES and
+        # JAX_PROCESS_ID (read here: JAX itself does not).
+        env = {k: int(os.environ[v]) for k, v in (("num_processes", "JAX_NUM_PROCESSES"),
+                                                  ("process_id", "JAX_PROCESS_ID")) if v in os.environ}
+        jax.distributed.initialize(**env)
+        primary = jax.process_index() == 0
+        print(f"process {jax.process_index()} of {jax.process_count()}, "
+              f"{jax.local_device_count()} local / {jax.device_count()} global devices")
     try:
         spec = get_spec(name)
     except UnknownNetError as e:
@@ -173,7 +193,8 @@ def run(argv: list[str] | None) -> int:
     check_image_shape(name, data.image_shape)  # before the summary traces the net with it
     slots = 2 if recipe.optimizer == "adam" else int(bool(recipe.momentum))
     one = state_bytes(name, data.num_classes, slots)
-    prepare_out(run_dir, 2 * one + 2 * one // (1 + slots) + DISK_SLACK_BYTES)  # last, best, 2 exports
+    if primary:
+        prepare_out(run_dir, 2 * one + 2 * one // (1 + slots) + DISK_SLACK_BYTES)  # last, best, 2 exports
 
     if backend == "jax":
         from flax import nnx
@@ -194,7 +215,8 @@ def run(argv: list[str] | None) -> int:
               "data_source": data.source, "recipe": dataclasses.asdict(recipe),
               "overrides": settings["overrides"], "command": [sys.executable, *sys.argv],
               "versions": versions(), "started": datetime.now().isoformat(timespec="seconds")}
-    write_json(run_dir / "config.json", config)  # first: a resume needs it even after a crash
+    if primary:
+        write_json(run_dir / "config.json", config)  # first: a resume needs it even after a crash
     if args.resume:
         print(f"resuming {run_dir} from {checkpoint_paths(run_dir, backend)['last']}")
 
@@ -202,7 +224,8 @@ def run(argv: list[str] | None) -> int:
 
     def on_epoch(row: dict[str, Any]) -> None:
         rows.append(row)
-        write_metrics_csv(run_dir / "metrics.csv", rows)
+        if primary:
+            write_metrics_csv(run_dir / "metrics.csv", rows)
         print(epoch_line(row, recipe.epochs), flush=True)
 
     try:
@@ -217,6 +240,9 @@ def run(argv: list[str] | None) -> int:
               file=sys.stderr)
         return 130
     wall = time.perf_counter() - t0
+    if not primary:
+        print(f"final test accuracy {result.test_acc:.4f} (process 0 writes {run_dir})")
+        return 0
     write_run(run_dir, dict(config, wall_seconds=wall), result)
     from parity.files import write_weights
 

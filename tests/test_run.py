@@ -353,3 +353,29 @@ def test_training_refuses_images_of_the_wrong_size(tmp_path, capsys):
                               "--out", str(tmp_path / "run")]) == 1
     assert capsys.readouterr().err == ("error: net 'lenet' takes 28x28 images, the data has 32x32 "
                                        "(resize the data or pick a net made for that size)\n")
+
+
+def test_two_processes_with_jax_distributed_match_one(idx_dir, tmp_path):
+    """--distributed on two local processes (one CPU device each, gloo): the 1-process metrics."""
+    import socket
+
+    full = tmp_path / "one"
+    assert train_script.main(base_args(idx_dir, full, "jax", epochs=2)) == 0
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        port = s.getsockname()[1]
+    out = tmp_path / "run"
+    procs = [subprocess.Popen(
+        [sys.executable, "scripts/train.py", *base_args(idx_dir, out, "jax", epochs=2), "--distributed"],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        env=dict(os.environ, JAX_PLATFORMS="cpu", JAX_COORDINATOR_ADDRESS=f"localhost:{port}",
+                 JAX_NUM_PROCESSES="2", JAX_PROCESS_ID=str(i))) for i in range(2)]
+    logs = [p.communicate(timeout=600)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], logs
+    assert "process 1 of 2, 1 local / 2 global devices" in logs[1]
+    assert "process 0 writes" in logs[1] and "run written to" in logs[0]
+    two, one = rows(out), rows(full)
+    assert [r["epoch"] for r in two] == [r["epoch"] for r in one]
+    for a, b in zip(two, one):  # batch halves on two devices: sums reassociate, hence approx
+        assert {k: pytest.approx(float(v), rel=1e-4, abs=1e-6) for k, v in a.items()} == \
+            {k: float(v) for k, v in b.items()}

@@ -30,7 +30,6 @@ from flax import nnx
 import flaxnets
 from flaxnets import checkpoint
 from flaxnets.introspect import count_params
-from parity.check import LOGIT_RTOL, _call, _forward, nchw_to_nhwc
 from parity.convert import _as_numpy, load_state_dict, normalize_keys, to_numpy_state_dict
 
 TORCH_SUFFIXES = (".pt", ".pth", ".th", ".bin")
@@ -341,8 +340,11 @@ def write_weights(path: str | os.PathLike, net: str, weights: nnx.Module | Mappi
         sd = to_numpy_state_dict(weights)
     else:
         sd = OrderedDict((k, np.array(_as_numpy(v), order="C")) for k, v in normalize_keys(weights).items())
-    if num_classes is None:
-        num_classes = infer_num_classes(net, sd) or flaxnets.get_spec(net).num_classes
+    rows = infer_num_classes(net, sd)
+    if num_classes is not None and rows is not None and rows != num_classes:
+        raise WeightsFileError(f"num_classes {num_classes} does not fit the weights' "
+                               f"{flaxnets.get_spec(net).head}.weight with {rows} rows")
+    num_classes = num_classes if num_classes is not None else rows or flaxnets.get_spec(net).num_classes
     info: dict[str, Any] = {"net": net, "num_classes": num_classes}
     if source is not None:
         info.update(source=Path(source).name, source_sha256=sha256_file(source))
@@ -363,7 +365,9 @@ def logit_delta(net: str, state_dict: Mapping[str, Any], fmodel: nnx.Module, see
     Returns (max|Δ|, the parity tolerance 1e-5·max(1, max|torch logits|), input shape NCHW).
     """
     import torch
+
     import torch_ref
+    from parity.check import LOGIT_RTOL, _call, _forward, nchw_to_nhwc
 
     spec = flaxnets.get_spec(net)
     tmodel = torch_ref.create(net, num_classes=infer_num_classes(net, state_dict))

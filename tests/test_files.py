@@ -22,7 +22,7 @@ import torch_ref
 from flaxnets import checkpoint
 from parity import load_state_dict
 from parity.check import randomize_torch
-from parity.files import read_flax_model, read_weights, write_weights
+from parity.files import WeightsFileError, read_flax_model, read_weights, write_weights
 from scripts.convert import main
 
 NET = "resnet20"  # the net of the CLI tests: BatchNorm, shortcuts, cheap to build and run
@@ -56,38 +56,64 @@ def assert_same_flax(a: Path, b: Path) -> None:
 
 
 # --------------------------------------------------------------------------- round trips
-@pytest.mark.parametrize("name", flaxnets.list_nets())
+# nnx.Dropout keeps a typed PRNG key in the model state; flaxnets.checkpoint.model_to_flat calls
+# np.array on it (TypeError), so no .flax file can hold net_dropout until that is fixed there.
+DROPOUT_KEY_BUG = pytest.mark.xfail(strict=True, raises=TypeError,
+                                    reason="flaxnets.checkpoint cannot save nnx.Dropout's PRNG key")
+
+
+SMALL = [n for n in flaxnets.list_nets() if flaxnets.get_spec(n).params < 2_000_000]
+BIG = [n for n in flaxnets.list_nets() if n not in SMALL]  # resnet1202, the DenseNets
+
+
+class Chain:
+    """One Flax model of ``name`` and random torch weights; ``step`` reads a file into the model
+    and writes it back out. Before every read but the first (the fresh model holds its own
+    random init) the model is zeroed, so that a read that loaded nothing fails."""
+
+    def __init__(self, name: str, tmp_path: Path):
+        self.name, self.dir = name, tmp_path
+        self.sd0 = random_state_dict(name, seed=1)
+        self.fmodel = flaxnets.create(name)
+        self.zeros = {k: np.zeros(v.shape, v.numpy().dtype) for k, v in self.sd0.items()}
+        torch.save(self.sd0, tmp_path / "start.pt")  # as a PyTorch user saves it
+        self.fresh = True
+
+    def step(self, src: str, dst: str) -> Path:
+        if not self.fresh:
+            load_state_dict(self.fmodel, self.zeros)
+        self.fresh = False
+        read_flax_model(self.dir / src, self.name, model=self.fmodel)
+        return write_weights(self.dir / dst, self.name, self.fmodel)
+
+
+@pytest.mark.parametrize("name", [pytest.param(n, marks=DROPOUT_KEY_BUG) if n == "net_dropout" else n
+                                  for n in SMALL])
 def test_round_trips_through_every_format_are_bit_exact(name, tmp_path):
-    """pt -> flax -> safetensors -> flax -> pt -> flax: torch->flax->torch and flax->torch->flax
-    through both torch formats, one Flax model per net, zeroed before each read so that a read
-    that loaded nothing would fail."""
-    sd0 = random_state_dict(name, seed=1)
-    fmodel = flaxnets.create(name)
-    zeros = {k: np.zeros(v.shape, v.numpy().dtype) for k, v in sd0.items()}
-
-    def read(path: Path) -> None:
-        load_state_dict(fmodel, zeros)
-        read_flax_model(path, name, model=fmodel)
-
-    a, b, c, d, e, last = (tmp_path / n for n in ["a.pt", "b.flax", "c.safetensors", "d.flax", "e.pt", "f.flax"])
-    torch.save(sd0, a)  # as a PyTorch user saves it
-    read(a)
-    write_weights(b, name, fmodel)
-    read(b)
-    write_weights(c, name, fmodel)
-    assert_same_tensors(load_file(c), sd0)  # torch -> flax -> torch (safetensors)
-    read(c)
-    write_weights(d, name, fmodel)
-    assert_same_flax(d, b)  # flax -> torch (safetensors) -> flax
-    read(d)
-    write_weights(e, name, fmodel)
-    back = torch.load(e, weights_only=True)
-    assert_same_tensors(back, sd0)  # torch -> flax -> torch (pt)
-    assert list(back) == list(sd0)  # in torch's own key order
+    """pt -> safetensors -> flax -> pt -> flax -> safetensors -> flax: torch->flax->torch and
+    flax->torch->flax through each torch format, every file read back into the Flax model."""
+    ch = Chain(name, tmp_path)
+    assert_same_tensors(load_file(ch.step("start.pt", "a.safetensors")), ch.sd0)  # torch -> flax -> torch
+    ch.step("a.safetensors", "b.flax")
+    back = torch.load(ch.step("b.flax", "c.pt"), weights_only=True)
+    assert_same_tensors(back, ch.sd0)  # torch -> flax -> torch through a .flax file
+    assert list(back) == list(ch.sd0)  # in torch's own key order
     torch_ref.create(name).load_state_dict(back, strict=True)
-    read(e)
-    write_weights(last, name, fmodel)
-    assert_same_flax(last, b)  # flax -> torch (pt) -> flax
+    assert_same_flax(ch.step("c.pt", "d.flax"), tmp_path / "b.flax")  # flax -> torch (pt) -> flax
+    assert_same_tensors(load_file(ch.step("d.flax", "e.safetensors")), ch.sd0)
+    assert_same_flax(ch.step("e.safetensors", "f.flax"), tmp_path / "b.flax")  # flax -> safetensors -> flax
+
+
+@pytest.mark.parametrize("name", BIG)
+def test_big_nets_round_trip_bit_exact_through_each_format_once(name, tmp_path):
+    """The cheapest path that still has both round trips and every format: pt -> flax ->
+    safetensors -> flax (the format code is the same for every net; the small nets take all paths)."""
+    ch = Chain(name, tmp_path)
+    ch.step("start.pt", "a.flax")
+    back = load_file(ch.step("a.flax", "b.safetensors"))
+    assert_same_tensors(back, ch.sd0)  # torch (pt) -> flax -> torch (safetensors)
+    torch_ref.create(name).load_state_dict(back, strict=True)
+    assert_same_flax(ch.step("b.safetensors", "c.flax"), tmp_path / "a.flax")  # flax -> torch -> flax
 
 
 def test_every_torch_suffix_writes_a_bare_state_dict_and_content_decides_the_read_format(tmp_path):
@@ -102,6 +128,13 @@ def test_every_torch_suffix_writes_a_bare_state_dict_and_content_decides_the_rea
     w = read_weights(tmp_path / "misnamed.bin", NET)
     assert w.format == "safetensors" and any("although its name says" in n for n in w.notes)
     assert_same_tensors({k: torch.from_numpy(v) for k, v in w.state_dict.items()}, sd)
+    write_weights(tmp_path / "m.flax", NET, sd)  # a state_dict becomes a .flax through the Flax net
+    w = read_weights(tmp_path / "m.flax", NET)
+    assert (w.format, w.num_classes) == ("flax", 10)
+    assert_same_tensors({k: torch.from_numpy(v) for k, v in w.state_dict.items()}, sd)
+    with pytest.raises(WeightsFileError, match="num_classes 7 does not fit the weights' linear.weight with 10"):
+        write_weights(tmp_path / "seven.safetensors", NET, sd, num_classes=7)
+    assert not (tmp_path / "seven.safetensors").exists()
 
 
 # --------------------------------------------------------------------------- the CLI, files as found
@@ -319,11 +352,11 @@ def test_a_failure_during_the_write_leaves_no_partial_output(suffix, sd20, tmp_p
 
 
 def test_logits_beyond_the_tolerance_are_an_error_and_nothing_is_written(sd20, tmp_path, capsys, monkeypatch):
-    import parity.files
+    import parity.check
 
     src = tmp_path / "m.pt"
     torch.save(sd20, src)
-    monkeypatch.setattr(parity.files, "_forward", lambda model, x: model(x) + 1e-3)
+    monkeypatch.setattr(parity.check, "_forward", lambda model, x: model(x) + 1e-3)
     code, out, err = convert(capsys, "--net", NET, src, tmp_path / "out.flax")
     assert_one_line_error(code, out, err, "logits differ by 1.00e-03 > tolerance")
     assert not (tmp_path / "out.flax").exists()

@@ -16,6 +16,7 @@ import hashlib
 import io
 import os
 import pickle
+import re
 import warnings
 from collections import OrderedDict
 from collections.abc import Mapping
@@ -171,11 +172,12 @@ def _add_num_batches_tracked(sd: OrderedDict[str, Any], notes: list[str]) -> Ord
 
 
 def _unsafe_reason(message: str) -> str:
-    """The line of torch's weights-only refusal that names what the pickle wanted to run."""
-    for line in message.splitlines():
-        if "GLOBAL" in line or "Unsupported" in line:
-            return line.strip().rstrip(".")
-    return "it contains objects other than tensors and plain containers"
+    """What torch's weights-only unpickler refused, in a few words (not its allowlisting advice)."""
+    found = re.search(r"GLOBAL ([\w.]+)", message)
+    if found:
+        return f"it imports {found.group(1)}"
+    found = re.search(r"Unsupported operand \d+", message)
+    return found.group(0).lower() if found else "it holds objects other than tensors and plain containers"
 
 
 def read_torch_state_dict(path: str | os.PathLike) -> tuple[OrderedDict[str, np.ndarray], list[str]]:

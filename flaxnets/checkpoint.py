@@ -71,11 +71,15 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
 
 
 # --------------------------------------------------------------------------- pytree <-> flat dict
+def _is_key(a: Any) -> bool:
+    return isinstance(a, jax.Array) and jax.dtypes.issubdtype(a.dtype, jax.dtypes.prng_key)
+
+
 def flatten_tree(tree: Any) -> dict[str, np.ndarray]:
     """Leaves of ``tree`` as {key path string: numpy array} (PRNG keys as their raw key data)."""
     out = {}
     for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
-        if isinstance(leaf, jax.Array) and jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key):
+        if _is_key(leaf):
             leaf = jax.random.key_data(leaf)
         out[jax.tree_util.keystr(path)] = np.asarray(leaf)
     return out
@@ -108,7 +112,7 @@ def unflatten_like(template: Any, flat: dict[str, np.ndarray], what: str = "stat
     for k, (_, leaf) in zip(keys, leaves):
         if k in missing:
             continue
-        is_key = isinstance(leaf, jax.Array) and jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key)
+        is_key = _is_key(leaf)
         ref = jax.random.key_data(leaf) if is_key else leaf
         arr = flat[k]
         if tuple(np.shape(arr)) != tuple(np.shape(ref)):
@@ -121,10 +125,12 @@ def unflatten_like(template: Any, flat: dict[str, np.ndarray], what: str = "stat
 
 
 def model_to_flat(model: nnx.Module) -> dict[str, np.ndarray]:
-    """The model's full state (params, batch statistics) as {dotted path: numpy array}."""
+    """The model's full state (params, batch statistics, dropout RNG keys as their raw key data)
+    as {dotted path: numpy array}."""
     flat = {}
     for path, leaf in jax.tree_util.tree_flatten_with_path(nnx.to_pure_dict(nnx.state(model)))[0]:
-        flat[".".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)] = np.array(leaf)
+        flat[".".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)] = np.array(
+            jax.random.key_data(leaf) if _is_key(leaf) else leaf)
     return flat
 
 
@@ -140,6 +146,8 @@ def flat_into_model(model: nnx.Module, flat: dict[str, np.ndarray]) -> nnx.Modul
 
     def put(path: tuple, leaf: Any) -> Any:
         key = ".".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
+        if _is_key(leaf):
+            return jax.random.wrap_key_data(np.array(flat[key], np.uint32), impl=jax.random.key_impl(leaf))
         return np.array(flat[key], dtype=np.asarray(leaf).dtype)  # copy: never alias the file buffer
 
     pure = jax.tree_util.tree_map_with_path(put, pure)

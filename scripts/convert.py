@@ -50,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"       {note}")
     print(f"net    {c.net}: {w.num_classes} classes, {c.params:,} parameters, {len(w.state_dict)} tensors")
     print(f"check  eval logits torch vs Flax on a fixed random batch {'×'.join(map(str, c.batch_shape))}: "
-          f"max|Δ| {c.delta:.1e} ≤ tolerance {c.tolerance:.1e}")
+          f"max|Δ| {c.delta:.1e} ≤ tolerance {c.tolerance:.1e} (1e-5·max(1, max|logits|))")
     print(f"wrote  {c.dst}: {FORMAT_NAMES[c.dst_format]}, {_size(c.dst)}, reads back bit-exact")
     return 0
 

@@ -26,9 +26,10 @@ def main(argv: list[str] | None = None) -> int:
     """Parse arguments, convert, print what was done; 0 on success, 1 with one error on stderr."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--net", required=True, help=f"the net the weights belong to ({', '.join(list_nets())})")
-    p.add_argument("input", type=Path, help="weights file to read (.pt .pth .th .bin .safetensors .flax)")
-    p.add_argument("output", type=Path, help="file to write; its suffix chooses the format")
-    p.add_argument("--num-classes", type=int, default=None,
+    p.add_argument("input", type=Path, metavar="IN",
+                   help="weights file to read (.pt .pth .th .bin .safetensors .flax)")
+    p.add_argument("output", type=Path, metavar="OUT", help="file to write; its suffix chooses the format")
+    p.add_argument("--num-classes", type=int, default=None, metavar="N",
                    help="class count (default: the rows of the classifier weight in IN)")
     p.add_argument("--force", action="store_true", help="overwrite OUT if it exists")
     args = p.parse_args(argv)

@@ -1,0 +1,99 @@
+"""scripts/bench.py: its table and bench.json, the interleaving, and FLOP counts checked by hand."""
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from flaxnets import bench
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_lenet_forward_flops_equal_a_hand_count():
+    macs = (6 * 24 * 24 * (1 * 5 * 5)  # conv1: 6 maps of 24x24, each a 1x5x5 window
+            + 16 * 8 * 8 * (6 * 5 * 5)  # conv2 on the pooled 6x12x12: 16 maps of 8x8
+            + 256 * 120 + 120 * 84 + 84 * 10)  # the three linear layers
+    assert bench.forward_flops("lenet", (28, 28, 1)) == 2 * macs == 563_280
+
+
+def test_cifar2_net_forward_flops_equal_a_hand_count():
+    macs = 16 * 32 * 32 * (3 * 3 * 3) + 8 * 16 * 16 * (16 * 3 * 3) + 512 * 32 + 32 * 2  # padded 3x3 convs
+    assert bench.forward_flops("net", (32, 32, 3)) == 2 * macs
+
+
+class FakeEngine:
+    """Records the order of train_epoch calls; fails or hangs on request."""
+
+    compile_seconds = 1.5
+
+    def __init__(self, variant, calls, fail_at=None, hang=False):
+        self.variant, self.calls, self.fail_at, self.hang = variant, calls, fail_at, hang
+
+    def train_epoch(self, epoch):
+        self.calls.append((self.variant, epoch))
+        if self.hang:
+            try:
+                time.sleep(30)
+            except bench.CompileTimeout as e:  # as inductor does: wrapped in its own error
+                raise RuntimeError("InductorError") from e
+        if epoch == self.fail_at:
+            raise RuntimeError("boom\nsecond line")
+
+
+def test_variants_are_interleaved_and_failures_reported_per_variant(monkeypatch):
+    calls = []
+    behaviour = {"jax": {}, "torch": {"fail_at": 2}, "torch_cl": {}, "torch_compile": {"hang": True}}
+    monkeypatch.setattr(bench, "build_engine",
+                        lambda v, *a: FakeEngine(v, calls, **behaviour[v]))
+    case = bench.Case("lenet", 4, (28, 28, 1), 2)
+    row = bench.measure_case(case, repeats=2, warmup=1, compile_timeout=0.2)
+    assert calls == [("jax", 0), ("torch", 0), ("torch_cl", 0), ("torch_compile", 0),
+                     ("jax", 1), ("torch", 1), ("torch_cl", 1),
+                     ("jax", 2), ("torch", 2), ("torch_cl", 2)]
+    v = row["variants"]
+    assert v["torch"]["status"] == "failed: RuntimeError: boom"
+    assert v["torch_compile"]["status"].startswith("timeout: ")
+    for ok in ("jax", "torch_cl"):
+        assert v[ok]["status"] == "ok" and len(v[ok]["warmup_seconds"]) == 1 and len(v[ok]["seconds"]) == 2
+        assert v[ok]["median_images_per_s"] > 0 and "median_images_per_s" not in v["torch"]
+    assert v["jax"]["compile_seconds"] == 1.5
+
+
+def test_bench_script_prints_the_table_and_writes_bench_json(tmp_path):
+    out = tmp_path / "bench.json"
+    cmd = [sys.executable, "scripts/bench.py", "--nets", "net", "--batch", "16", "--steps", "2",
+           "--repeats", "1", "--no-e2e", "--compile-nets", "none", "--peak-size", "256", "--out", str(out)]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+
+    report = json.loads(out.read_text())
+    assert report["machine"]["cpu"] and report["machine"]["cores"] >= 1
+    assert {"jax", "torch", "torchvision"} <= set(report["machine"]["versions"])
+    assert report["e2e"] is None and report["settings"]["steps"] == 2
+    peak = report["peak"]
+    assert peak["peak_flops"] == max(peak["jax"]["flops"], peak["torch"]["flops"]) > 0
+    (row,) = report["nets"]
+    assert (row["net"], row["batch"], row["input"], row["steps"]) == ("net", 16, [32, 32, 3], 2)
+    assert set(row["variants"]) == {"jax", "torch", "torch_cl"}
+    ips = {}
+    for name, v in row["variants"].items():
+        assert v["status"] == "ok" and len(v["seconds"]) == 1 and len(v["warmup_seconds"]) == 1
+        assert v["median_images_per_s"] == pytest.approx(32 / v["seconds"][0])
+        ips[name] = v["median_images_per_s"]
+    assert row["train_flops_per_step"] == 3 * 16 * bench.forward_flops("net", (32, 32, 3))
+    assert row["jax_over_best_eager"] == pytest.approx(ips["jax"] / max(ips["torch"], ips["torch_cl"]))
+    assert row["percent_of_peak"]["jax"] == pytest.approx(
+        100 * ips["jax"] * row["train_flops_per_image"] / peak["peak_flops"])
+
+    lines = proc.stdout.splitlines()
+    assert lines[0] == ("| net | batch | input | JAX img/s | torch img/s | torch-CL img/s | "
+                        "torch.compile img/s | JAX ÷ best PyTorch eager | % of peak J / best T | "
+                        "compile s J / TC |")
+    (cells,) = [line.split(" | ") for line in lines if line.startswith("| net | 16 |")]
+    assert cells[2:4] == ["32×32×3", f"{ips['jax']:,.0f}"]
+    assert cells[6] == "not run" and cells[7] == f"{row['jax_over_best_eager']:.2f}×"
+    assert any(line.startswith("Peak FP32 matmul (256×256)") for line in lines)

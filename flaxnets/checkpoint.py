@@ -129,26 +129,35 @@ def model_to_flat(model: nnx.Module) -> dict[str, np.ndarray]:
     as {dotted path: numpy array}."""
     flat = {}
     for path, leaf in jax.tree_util.tree_flatten_with_path(nnx.to_pure_dict(nnx.state(model)))[0]:
-        flat[".".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)] = np.array(
+        flat[_path_key(path)] = np.array(
             jax.random.key_data(leaf) if _is_key(leaf) else leaf)
     return flat
 
 
+def _path_key(path: tuple) -> str:
+    return ".".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
+
+
 def flat_into_model(model: nnx.Module, flat: dict[str, np.ndarray]) -> nnx.Module:
-    """Load {dotted path: array} into ``model`` in place (strict: see ``unflatten_like``)."""
-    ref = model_to_flat(model)
-    missing = sorted(set(ref) - set(flat))
-    unexpected = sorted(set(flat) - set(ref))
-    bad = [f"{k}: file {tuple(flat[k].shape)}, model {tuple(ref[k].shape)}"
-           for k in ref if k in flat and tuple(flat[k].shape) != tuple(ref[k].shape)]
-    _check_fit("weights", missing, unexpected, bad)
+    """Load {dotted path: array} into ``model`` in place, strictly (every key, no other, same
+    shapes). ``model`` may be abstract (``flaxnets.create_for_loading``)."""
     pure = nnx.to_pure_dict(nnx.state(model))
+    leaves = {_path_key(p): leaf for p, leaf in jax.tree_util.tree_flatten_with_path(pure)[0]}
+
+    def shape(leaf: Any) -> tuple[int, ...]:  # key arrays are stored as key data: one more axis
+        return tuple(jax.random.key_data(leaf).shape) if _is_key(leaf) else tuple(leaf.shape)
+
+    missing = sorted(set(leaves) - set(flat))
+    unexpected = sorted(set(flat) - set(leaves))
+    bad = [f"{k}: file {tuple(flat[k].shape)}, model {shape(leaf)}"
+           for k, leaf in leaves.items() if k in flat and tuple(flat[k].shape) != shape(leaf)]
+    _check_fit("weights", missing, unexpected, bad)
 
     def put(path: tuple, leaf: Any) -> Any:
-        key = ".".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
+        key = _path_key(path)
         if _is_key(leaf):
             return jax.random.wrap_key_data(np.array(flat[key], np.uint32), impl=jax.random.key_impl(leaf))
-        return np.array(flat[key], dtype=np.asarray(leaf).dtype)  # copy: never alias the file buffer
+        return np.array(flat[key], dtype=leaf.dtype)  # copy: never alias the file buffer
 
     pure = jax.tree_util.tree_map_with_path(put, pure)
     state = nnx.state(model)
@@ -203,12 +212,11 @@ def save_model(path: str | os.PathLike, net: str, model: nnx.Module, num_classes
     return save(path, Checkpoint(net, num_classes, model_to_flat(model), None, dict(meta or {})))
 
 
-def load_model(path: str | os.PathLike, net: str | None = None, seed: int = 0) -> nnx.Module:
+def load_model(path: str | os.PathLike, net: str | None = None) -> nnx.Module:
     """A new model of the checkpoint's net with its weights; ``net`` checks the file's net name."""
     import flaxnets
 
     ckpt = load(path)
     if net is not None and ckpt.net != net:
         raise CheckpointError(f"{path} holds a {ckpt.net!r} checkpoint, not {net!r}")
-    model = flaxnets.create(ckpt.net, num_classes=ckpt.num_classes, seed=seed)
-    return flat_into_model(model, ckpt.model)
+    return flat_into_model(flaxnets.create_for_loading(ckpt.net, num_classes=ckpt.num_classes), ckpt.model)

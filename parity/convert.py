@@ -161,13 +161,15 @@ def load_state_dict(model: nnx.Module, state_dict: Mapping[str, Any], what: str 
     """
     state_dict = normalize_keys(state_dict)
     entries = list(_entries(model))
-    check_state_dict({key: leaf.torch_shape(tuple(var[...].shape)) for key, leaf, var in entries},
+    # var.get_value() rather than var[...]: it also works on abstract (nnx.eval_shape) models,
+    # which skips DenseNet's 20-s random initialisation when every value is replaced anyway
+    check_state_dict({key: leaf.torch_shape(tuple(var.get_value().shape)) for key, leaf, var in entries},
                      state_dict, what)
     for key, leaf, var in entries:
         value = leaf.to_flax(_as_numpy(state_dict[key]))
         # np.array copies: on CPU jnp.asarray may alias the buffer of a torch tensor's numpy
         # view, and the Flax weights would then change when torch updates BN stats in place.
-        var.set_value(jnp.asarray(np.array(value, dtype=var[...].dtype)))
+        var.set_value(jnp.asarray(np.array(value, dtype=var.get_value().dtype)))
     return model
 
 
@@ -183,7 +185,7 @@ def torch_to_flax(name: str, state_dict: Mapping[str, Any], num_classes: int | N
     if num_classes is None:
         head = state_dict.get(f"{spec.head}.weight")
         num_classes = int(_as_numpy(head).shape[0]) if head is not None else spec.num_classes
-    model = flaxnets.create(name, num_classes=num_classes, **kw)
+    model = flaxnets.create_for_loading(name, num_classes=num_classes, **kw)
     return load_state_dict(model, state_dict, what=f"Flax {name}")
 
 

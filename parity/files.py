@@ -241,7 +241,7 @@ def _read_flax(path: Path, net: str, num_classes: int | None,
     if num_classes is not None and num_classes != ckpt.num_classes:
         raise WeightsFileError(f"{path} has {ckpt.num_classes} classes, not {num_classes}")
     if model is None:
-        model = flaxnets.create(net, num_classes=ckpt.num_classes)
+        model = flaxnets.create_for_loading(net, num_classes=ckpt.num_classes)
     return checkpoint.flat_into_model(model, ckpt.model), ckpt
 
 
@@ -305,7 +305,7 @@ def read_flax_model(path: str | os.PathLike, net: str, num_classes: int | None =
     """
     weights, fmodel = _read(path, net, num_classes, model)
     if fmodel is None:
-        fmodel = model if model is not None else flaxnets.create(net, num_classes=weights.num_classes)
+        fmodel = model if model is not None else flaxnets.create_for_loading(net, num_classes=weights.num_classes)
         load_state_dict(fmodel, weights.state_dict, what=f"Flax {net}")
     return fmodel, weights
 
@@ -353,7 +353,7 @@ def write_weights(path: str | os.PathLike, net: str, weights: nnx.Module | Mappi
     info.update(meta or {})
     if fmt == "flax":
         fmodel = weights if isinstance(weights, nnx.Module) else load_state_dict(
-            flaxnets.create(net, num_classes=num_classes), sd, what=f"Flax {net}")
+            flaxnets.create_for_loading(net, num_classes=num_classes), sd, what=f"Flax {net}")
         return checkpoint.save_model(path, net, fmodel, num_classes, info)
     metadata = {"format": "pt", **{k: str(v) for k, v in info.items()}}  # "pt": what HF loaders expect
     return checkpoint.atomic_write_bytes(path, _serialize(fmt, sd, metadata))

@@ -15,12 +15,11 @@ import time
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
+from PIL import Image
 
 from flaxnets import data
 from flaxnets.data import (CIFAR10_CLASSES, FASHION_MNIST_CLASSES, Dataset, load_cifar_pickles,
                            load_dataset, load_idx_dir, load_image_folder, read_idx, write_idx)
-
-Image = pytest.importorskip("PIL.Image")
 
 
 @pytest.fixture(autouse=True)

@@ -6,6 +6,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from flaxnets import bench
@@ -97,3 +98,34 @@ def test_bench_script_prints_the_table_and_writes_bench_json(tmp_path):
     assert cells[2:4] == ["32×32×3", f"{ips['jax']:,.0f}"]
     assert cells[6] == "not run" and cells[7] == f"{row['jax_over_best_eager']:.2f}×"
     assert any(line.startswith("Peak FP32 matmul (256×256)") for line in lines)
+
+
+def test_torchvision_reads_the_prepared_fashion_mnist_root(tmp_path):
+    import torchvision
+
+    from flaxnets.data import write_idx
+
+    src = tmp_path / "debian"
+    src.mkdir()
+    images = {"train": np.arange(3 * 28 * 28).reshape(3, 28, 28) % 256, "t10k": np.full((2, 28, 28), 7)}
+    for split, x in images.items():
+        write_idx(src / f"{split}-images-idx3-ubyte.gz", x)
+        write_idx(src / f"{split}-labels-idx1-ubyte.gz", np.arange(len(x)) + 1)
+    root = bench.torchvision_fashion_root(src, tmp_path / "root")
+    train = torchvision.datasets.FashionMNIST(root=root, train=True, download=False)
+    test = torchvision.datasets.FashionMNIST(root=root, train=False, download=False)
+    assert len(train) == 3 and len(test) == 2
+    assert np.array_equal(np.asarray(train[1][0]), images["train"][1]) and train[1][1] == 2
+
+
+def test_end_to_end_table_says_whether_the_goal_is_met():
+    runs = {"jax": {"label": "J", "status": "ok", "wall_seconds": 50.0, "test_acc": 0.76},
+            "torch": {"label": "T", "status": "failed (exit 1): boom", "wall_seconds": 3.0},
+            "material": {"label": "M", "status": "ok", "wall_seconds": 120.0, "test_acc": 0.759}}
+    text = bench.format_e2e(runs)
+    assert "| J | 50.0 | 0.7600 | 2.40× |" in text and "| T | 3.0 | failed (exit 1): boom | — |" in text
+    assert "| M | 120.0 | 0.7590 | 1.00× |" in text and ": met — 2.40×, accuracy 0.7600 vs 0.7590" in text
+    runs["jax"]["test_acc"] = 0.75
+    assert ": not met — 2.40×" in bench.format_e2e(runs)
+    runs["jax"].update(test_acc=0.76, wall_seconds=61.0)
+    assert ": not met — 1.97×" in bench.format_e2e(runs)

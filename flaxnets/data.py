@@ -224,8 +224,22 @@ def _tfds_available() -> bool:
                for m in ("tensorflow_datasets", "tensorflow", "importlib_resources"))
 
 
+def load_triton_before_tensorflow() -> None:
+    """Import triton (torch's GPU compiler, installed with torch) if present, before TensorFlow.
+
+    Both bundle LLVM; when TensorFlow loads first in a process that has torch and jax, a later
+    ``import torchvision`` (-> torch._dynamo -> triton) segfaults (reproduced 2026-11-22 with
+    tensorflow-cpu 2.21, torch 2.14.1, jax 0.10.2; triton first: no crash).
+    """
+    import importlib.util
+
+    if importlib.util.find_spec("triton") is not None:
+        import triton  # noqa: F401
+
+
 def _tfds():  # noqa: ANN202 - the module; imported late because TensorFlow costs seconds and memory
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's C++ start-up chatter
+    load_triton_before_tensorflow()
     import tensorflow_datasets as tfds
 
     return tfds

@@ -466,7 +466,9 @@ def machine_info() -> dict[str, Any]:
     return {"cpu": model, "cores": os.cpu_count(), "usable_cores": len(os.sched_getaffinity(0)),
             "platform": platform.platform(), "loadavg_start": os.getloadavg(),
             "jax_backend": jax.default_backend(), "jax_devices": len(jax.devices()),
-            "torch_threads": torch.get_num_threads(), "XLA_FLAGS": os.environ.get("XLA_FLAGS", ""),
+            "torch_threads": torch.get_num_threads(),
+            "torch_inductor_cache": os.environ.get("TORCHINDUCTOR_CACHE_DIR", "default (on disk)"),
+            "XLA_FLAGS": os.environ.get("XLA_FLAGS", ""),
             "versions": versions}
 
 
@@ -504,8 +506,9 @@ def format_table(report: dict[str, Any]) -> str:
               f"{TRAIN_OVER_FORWARD}× the forward pass's conv/linear multiply-adds × 2.",
               f"Medians of {report['settings']['repeats']} interleaved repeats of "
               f"{report['settings']['steps']}-step epochs after {report['settings']['warmup']} "
-              f"warm-up; compile s: JAX engine build (train+eval step), torch.compile first epoch "
-              f"minus a steady one. {m['cpu']}, {m['cores']} cores, load average "
+              f"warm-up; compile s: JAX engine build (train+eval step, cold), torch.compile first "
+              f"epoch minus a steady one (torch's on-disk caches: warm after a first run). "
+              f"{m['cpu']}, {m['cores']} cores, torch threads {m['torch_threads']}, load average "
               f"{m['loadavg_start'][0]:.1f} → {report['loadavg_end'][0]:.1f}."]
     left_out = [n for n in list_nets() if n not in report["settings"]["nets"]]
     if left_out:
@@ -553,6 +556,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="end-to-end LeNet runs: train.py jax and torch, the material's loop (minutes)")
     p.add_argument("--peak-size", type=int, default=2048,
                    help="matrix side of the matmul peak (default 2048)")
+    p.add_argument("--torch-threads", type=int,
+                   help="torch.set_num_threads for the throughput part (default: torch's own); on a "
+                        "busy machine 1 avoids waits for descheduled OpenMP threads")
     p.add_argument("--data-dir", default="/usr/share/datasets/fashion-mnist",
                    help="FashionMNIST .gz IDX files for the material's loop")
     p.add_argument("--out", default="bench.json", help="JSON report path (default bench.json)")
@@ -562,15 +568,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     for n in args.nets + args.compile_nets:
         if n not in list_nets():
             p.error(f"unknown net {n!r}; valid: {', '.join(list_nets())}")
-    for flag in ("steps", "repeats", "warmup"):
-        if getattr(args, flag) < 1:
-            p.error(f"--{flag} must be at least 1")
+    for flag in ("steps", "repeats", "warmup", "torch_threads"):
+        if getattr(args, flag) is not None and getattr(args, flag) < 1:
+            p.error(f"--{flag.replace('_', '-')} must be at least 1")
     return args
 
 
 def run(args: argparse.Namespace, log: Callable[[str], None] = lambda s: None) -> dict[str, Any]:
     """Measure everything ``args`` asks for and return the report (what bench.json holds)."""
     t0 = time.perf_counter()
+    if args.torch_threads:
+        import torch
+
+        torch.set_num_threads(args.torch_threads)
     settings = {k: v for k, v in vars(args).items() if k not in ("out", "data_dir")}
     report: dict[str, Any] = {"machine": machine_info(), "settings": settings}
     report["peak"] = peak = matmul_peak(args.peak_size)

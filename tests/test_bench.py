@@ -67,12 +67,14 @@ def test_variants_are_interleaved_and_failures_reported_per_variant(monkeypatch)
 def test_bench_script_prints_the_table_and_writes_bench_json(tmp_path):
     out = tmp_path / "bench.json"
     cmd = [sys.executable, "scripts/bench.py", "--nets", "net", "--batch", "16", "--steps", "2",
-           "--repeats", "1", "--no-e2e", "--compile-nets", "none", "--peak-size", "256", "--out", str(out)]
+           "--repeats", "1", "--no-e2e", "--compile-nets", "none", "--peak-size", "256",
+           "--torch-threads", "1", "--out", str(out)]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
 
     report = json.loads(out.read_text())
     assert report["machine"]["cpu"] and report["machine"]["cores"] >= 1
+    assert report["machine"]["torch_threads"] == 1
     assert {"jax", "torch", "torchvision"} <= set(report["machine"]["versions"])
     assert report["e2e"] is None and report["settings"]["steps"] == 2
     peak = report["peak"]

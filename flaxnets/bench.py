@@ -24,11 +24,14 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from flaxnets.registry import get_spec, list_nets
+
+if TYPE_CHECKING:
+    from flaxnets.train import Splits
 
 ROOT = Path(__file__).resolve().parents[1]
 VARIANTS = ("jax", "torch", "torch_cl", "torch_compile")
@@ -36,15 +39,15 @@ LABELS = {"jax": "JAX", "torch": "torch", "torch_cl": "torch-CL", "torch_compile
 EAGER = ("torch", "torch_cl")  # the PyTorch variants the issue's goal compares JAX with
 TRAIN_OVER_FORWARD = 3  # backward ~ 2x forward (gradients of inputs and of weights)
 
-# Defaults that keep the full run under 10 minutes on the 2-core CPU: the recipe's batch for the
-# small nets, smaller batches for the deep ResNets, DenseNets at 32x32 (their smallest size).
+# Sized for a 10-minute default run on the idle 2-core CPU (estimated from CPU times): the
+# recipe's batch for the small nets, smaller ones for the deep ResNets, DenseNets at 32x32.
 DEFAULT_BATCH = {"resnet56": 64, "resnet110": 32, "resnet1202": 8, "densenet121": 16,
                  "densenet169": 16, "densenet201": 16, "densenet121_se": 16}
 DEFAULT_IMAGE = 32  # side of the square input of the any-size nets (the DenseNets)
-DEFAULT_COMPILE = ("lenet",)  # torch.compile: 1-2 minutes per net on this CPU, more under load
-# The default run keeps one net per kernel mix so that it ends within 10 minutes here, JAX
-# compilation being most of it (CPU time of a JaxEngine build, measured: resnet110 52 s,
-# densenet121 80-120 s, densenet169 143 s, densenet201 213 s, resnet1202 over 8 min and 10 GB).
+DEFAULT_COMPILE = ("lenet",)  # a cold torch.compile took 1-2 minutes per net here, under load
+# The default run keeps one net per kernel mix for the same budget, JAX compilation being most of
+# it (CPU time of a JaxEngine build, measured: resnet110 52 s, densenet121 80-120 s, densenet169
+# 143 s, densenet201 213 s, resnet1202 over 8 minutes and 10 GB before it was stopped).
 # The deeper ResNets and the other DenseNets repeat the blocks of resnet20 and densenet121.
 DEFAULT_NETS = ("lenet", "dilated", "net", "net_width", "net_dropout", "net_batchnorm", "resnet20",
                 "densenet121")
@@ -71,7 +74,7 @@ def make_case(net: str, steps: int, batch: int | None = None, image: int | None 
     return Case(net, batch or DEFAULT_BATCH.get(net, recipe_for(net).batch_size), (h, w, c), steps)
 
 
-def synthetic_splits(case: Case, num_classes: int, seed: int = 0) -> Any:
+def synthetic_splits(case: Case, num_classes: int, seed: int = 0) -> Splits:
     """Random uint8 images and labels: ``steps`` full batches to train on, one image to test on."""
     from flaxnets.train import Splits
 
@@ -166,7 +169,7 @@ def time_limit(seconds: float | None) -> Iterator[None]:
         signal.signal(signal.SIGALRM, old)
 
 
-def build_engine(variant: str, case: Case, splits: Any, num_classes: int, seed: int) -> Any:
+def build_engine(variant: str, case: Case, splits: Splits, num_classes: int, seed: int) -> Any:
     """The training engine of ``variant`` for ``case``, exactly as ``fit`` would build it."""
     from flaxnets.train import JaxEngine, recipe_for
 

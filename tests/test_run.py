@@ -58,7 +58,11 @@ def full_run(request, idx_dir, tmp_path_factory) -> tuple[str, Path]:
 def run_script(code: str, args: list[str], env_extra: dict[str, str] | None = None
                ) -> subprocess.CompletedProcess:
     """Run scripts/train.py with ``args`` in a fresh interpreter after executing ``code``."""
-    launcher = (f"import os, signal, sys, runpy\n{code}\n"
+    # default_int_handler: pytest-xdist workers ignore SIGINT and children inherit that, so
+    # without it Python would not turn Ctrl-C into KeyboardInterrupt as it does in a terminal
+    launcher = ("import os, signal, sys, runpy\n"
+                "signal.signal(signal.SIGINT, signal.default_int_handler)\n"
+                f"{code}\n"
                 f"sys.argv = ['scripts/train.py', *sys.argv[1:]]\n"
                 f"runpy.run_path('scripts/train.py', run_name='__main__')\n")
     env = dict(os.environ, JAX_PLATFORMS="cpu", **(env_extra or {}))

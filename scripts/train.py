@@ -87,14 +87,11 @@ def prepare_out(run_dir: Path, need_bytes: int) -> None:
                        f"the run's checkpoints and exports need about {need_bytes / 2**20:,.0f} MiB")
 
 
-def state_bytes(name: str, num_classes: int, optimizer_slots: int) -> int:
-    """Bytes of one training checkpoint of ``name``: float32 weights + optimiser slots."""
+def state_bytes(model: Any, optimizer_slots: int) -> int:
+    """Bytes of one training checkpoint of ``model`` (may be abstract): weights + optimiser slots."""
     import jax
     from flax import nnx
 
-    from flaxnets import create
-
-    model = nnx.eval_shape(lambda: create(name, num_classes=num_classes))
     n = sum(v.size for v in jax.tree.leaves(nnx.state(model)))
     return 4 * n * (1 + optimizer_slots)
 
@@ -191,18 +188,21 @@ def run(argv: list[str] | None) -> int:
           f"{len(data.x_test)} test, {data.num_classes} classes ({time.perf_counter() - t0:.1f} s)")
 
     check_image_shape(name, data.image_shape)  # before the summary traces the net with it
+    from flax import nnx
+
+    from flaxnets import create
+
+    # shapes only, built once: it sizes the checkpoints and feeds the JAX summary (tracing a
+    # deep net abstractly is not free: resnet1202 took minutes here)
+    abstract = nnx.eval_shape(lambda: create(name, num_classes=data.num_classes, seed=seed))
     slots = 2 if recipe.optimizer == "adam" else int(bool(recipe.momentum))
-    one = state_bytes(name, data.num_classes, slots)
+    one = state_bytes(abstract, slots)
     if primary:
         prepare_out(run_dir, 2 * one + 2 * one // (1 + slots) + DISK_SLACK_BYTES)  # last, best, 2 exports
 
     if backend == "jax":
-        from flax import nnx
-
-        from flaxnets import create
         from flaxnets.train import model_summary
 
-        abstract = nnx.eval_shape(lambda: create(name, num_classes=data.num_classes, seed=seed))
         print(format_summary(name, *model_summary(abstract, data.image_shape)))
     else:
         import torch_ref

@@ -31,6 +31,7 @@ from flaxnets import checkpoint
 from flaxnets.data import Dataset
 from flaxnets.metrics import confusion_matrix
 from flaxnets.introspect import count_params, record_outputs
+from flaxnets.layers import unrolled_stacks
 from flaxnets.registry import check_image_shape
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -604,7 +605,8 @@ def model_summary(model: nnx.Module, input_shape: tuple[int, int, int]
     try:
         model.eval()
         graphdef, state = nnx.split(model)
-        with record_outputs(leaf_classes, where) as outputs:
+        # unrolled: a scanned block's outputs would be tracers of the loop body, not recorded
+        with record_outputs(leaf_classes, where) as outputs, unrolled_stacks():
             jax.eval_shape(forward, state, jax.ShapeDtypeStruct((1, *input_shape), jnp.float32))
     finally:
         model.train()

@@ -6,7 +6,13 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from flaxnets.layers import BatchNorm2d, Sequential, conv2d, global_avg_pool, linear
+from flaxnets.layers import BatchNorm2d, BlockStack, Sequential, conv2d, global_avg_pool, linear
+
+
+# Scan a stage's identical blocks from 2 on. Measured here (2-core CPU, JaxEngine train step,
+# scanned vs unrolled): resnet20 121 vs 97 img/s, resnet56 43 vs 31, resnet110 20 vs 16 and
+# compile 16 s vs 27 s; resnet1202 compiles in 108 s (unrolled: not within 16.5 min, 11.6 GB).
+SCAN_MIN_BLOCKS = 2
 
 
 class ShortcutA(nnx.Module):
@@ -67,12 +73,13 @@ class ResNet(nnx.Module):
         self.layer3 = self._make_layer(64, n, 2, option, rngs)
         self.linear = linear(64, num_classes, init="kaiming_normal", rngs=rngs)
 
-    def _make_layer(self, planes: int, num_blocks: int, stride: int, option: str, rngs: nnx.Rngs) -> Sequential:
+    def _make_layer(self, planes: int, num_blocks: int, stride: int, option: str, rngs: nnx.Rngs) -> BlockStack:
         layers = []
         for s in [stride] + [1] * (num_blocks - 1):
             layers.append(BasicBlock(self.in_planes, planes, s, option, rngs=rngs))
             self.in_planes = planes * BasicBlock.expansion
-        return Sequential(*layers)
+        # blocks 1.. of a stage are identical: scanned once there are SCAN_MIN_BLOCKS of them
+        return BlockStack(*layers, scan_from=1, scan_min=SCAN_MIN_BLOCKS)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         out = jax.nn.relu(self.bn1(self.conv1(x)))

@@ -1,0 +1,94 @@
+"""BlockStack (the scanned ResNet stages) and the convolution used inside its scan."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+import flaxnets
+from flaxnets import layers
+from flaxnets.layers import BlockStack, _loop_conv, unrolled_stacks
+
+
+@pytest.mark.parametrize("padding", [((1, 1), (1, 1)), ((0, 0), (0, 0)), ((2, 1), (0, 2))])
+def test_loop_conv_equals_lax_conv_with_its_gradients(padding):
+    kx, kk, kg = jax.random.split(jax.random.key(0), 3)
+    x = jax.random.normal(kx, (3, 9, 8, 5))
+    k = jax.random.normal(kk, (3, 3, 5, 4))
+
+    def lax_conv(x, k):
+        return jax.lax.conv_general_dilated(x, k, (1, 1), padding, dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+    want, want_vjp = jax.vjp(lax_conv, x, k)
+    got, got_vjp = jax.vjp(lambda x, k: _loop_conv(x, k, padding), x, k)
+    g = jax.random.normal(kg, want.shape)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    for a, b in zip(got_vjp(g), want_vjp(g)):
+        assert a.shape == b.shape
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+
+
+def _loss_and_state(model: nnx.Module, x: jax.Array, y: jax.Array, unrolled: bool):
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+
+    def loss(params, rest):
+        m = nnx.merge(graphdef, params, rest, copy=True)
+        if unrolled:
+            with unrolled_stacks():
+                logits = m(x)
+        else:
+            logits = m(x)
+        return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean(), (logits, nnx.state(m))
+
+    (value, (logits, state)), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(params, rest)
+    return value, logits, state, grads
+
+
+@pytest.mark.parametrize("train", [True, False])
+def test_scanned_stages_compute_what_unrolled_ones_do(train):
+    # resnet32: 4 identical blocks per stage tail, so the stages do scan (SCAN_MIN_BLOCKS aside)
+    model = flaxnets.create("resnet32", seed=0)
+    stacks = [m for _, m in nnx.iter_modules(model) if isinstance(m, BlockStack)]
+    assert len(stacks) == 3
+    for s in stacks:
+        s.scan_min = 2
+    model.train() if train else model.eval()
+    x = jax.random.normal(jax.random.key(1), (4, 32, 32, 3))
+    y = jnp.arange(4) % 10
+    a = _loss_and_state(model, x, y, unrolled=True)
+    b = _loss_and_state(model, x, y, unrolled=False)
+    np.testing.assert_allclose(b[1], a[1], rtol=1e-5, atol=1e-5)  # logits
+    # updated BN statistics (train) or untouched ones (eval) land in every block alike
+    for (pa, va), (pb, vb) in zip(jax.tree.leaves_with_path(a[2]), jax.tree.leaves_with_path(b[2])):
+        assert pa == pb
+        np.testing.assert_allclose(vb, va, rtol=1e-5, atol=1e-6, err_msg=jax.tree_util.keystr(pa))
+    for (pa, ga), (_, gb) in zip(jax.tree.leaves_with_path(a[3]), jax.tree.leaves_with_path(b[3])):
+        scale = max(1.0, float(jnp.max(jnp.abs(ga))))
+        assert float(jnp.max(jnp.abs(ga - gb))) <= 1e-4 * scale, jax.tree_util.keystr(pa)
+
+
+def test_the_scan_uses_the_loop_conv_and_only_inside_it(monkeypatch):
+    calls = []
+    real = layers._loop_conv
+    monkeypatch.setattr(layers, "_loop_conv", lambda *a: calls.append(1) or real(*a))
+    model = flaxnets.create("resnet32", seed=0)
+    for _, m in nnx.iter_modules(model):
+        if isinstance(m, BlockStack):
+            m.scan_min = 2
+    model(jnp.zeros((1, 32, 32, 3)))
+    assert len(calls) == (2 if jax.default_backend() == "cpu" else 0) * 3  # two convs per block, traced once per stage
+    calls.clear()
+    with unrolled_stacks():
+        model(jnp.zeros((1, 32, 32, 3)))
+    assert calls == []
+
+
+def test_a_block_stack_refuses_to_scan_blocks_that_differ():
+    model = flaxnets.create("resnet32", seed=0)
+    model.layer1[2].bn1.use_running_average = True  # one block in eval mode, the others not
+    with pytest.raises(ValueError, match="differ in structure or settings"):
+        model(jnp.zeros((1, 32, 32, 3)))

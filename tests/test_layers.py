@@ -87,6 +87,31 @@ def test_the_scan_uses_the_loop_conv_and_only_inside_it(monkeypatch):
     assert calls == []
 
 
+@pytest.mark.parametrize("kind", ["max", "avg"])
+@pytest.mark.parametrize("shape,k", [((2, 8, 8, 3), 2), ((2, 9, 7, 4), 2), ((1, 12, 12, 2), 3)])
+def test_tiled_pooling_equals_reduce_window(kind, shape, k, monkeypatch):
+    x = jax.random.normal(jax.random.key(0), shape)
+    g = jax.random.normal(jax.random.key(1), (shape[0], shape[1] // k, shape[2] // k, shape[3]))
+    assert layers._tiled(k, k, 0) == (jax.default_backend() == "cpu")
+    got, got_vjp = jax.vjp(lambda x: layers.pool2d(x, kind, k), x)
+    monkeypatch.setattr(layers, "_tiled", lambda *a: False)
+    want, want_vjp = jax.vjp(lambda x: layers.pool2d(x, kind, k), x)
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(got_vjp(g)[0], want_vjp(g)[0], rtol=1e-6, atol=1e-6)
+
+
+def test_tiled_max_pool_gives_a_tied_windows_gradient_to_its_first_maximum_as_torch():
+    import torch
+
+    x = np.array([[1.0, 3.0, 3.0, 0.0], [3.0, 2.0, 5.0, 5.0]], np.float32)  # ties in both windows
+    x = np.tile(x[None, :, :, None], (1, 1, 1, 2))  # (1, 2, 4, 2) NHWC
+    grad = jax.grad(lambda x: jnp.sum(layers.pool2d(x, "max", 2)))(jnp.asarray(x))
+    tx = torch.tensor(np.transpose(x, (0, 3, 1, 2)), requires_grad=True)
+    torch.nn.functional.max_pool2d(tx, 2).sum().backward()
+    np.testing.assert_array_equal(np.asarray(grad), np.transpose(tx.grad.numpy(), (0, 2, 3, 1)))
+    assert float(jnp.sum(grad)) == 4.0  # one unit per window and channel, not split among ties
+
+
 def test_a_block_stack_refuses_to_scan_blocks_that_differ():
     model = flaxnets.create("resnet32", seed=0)
     model.layer1[2].bn1.use_running_average = True  # one block in eval mode, the others not

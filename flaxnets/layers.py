@@ -75,8 +75,8 @@ def conv_general_dilated(lhs: Array, rhs: Array, window_strides: Sequence[int], 
     There XLA's CPU backend lowers both gradient convolutions of a loop body to naive loops: a
     scan of four 3×3 16→16 convs on 128×32×32 took 10.2 s per gradient against 0.23 s unrolled
     (measured here). ``_loop_conv`` gives the same function with gradients XLA runs well in a
-    loop (0.59 s); with it the scanned ResNets train faster than unrolled ones (resnet_cifar's
-    SCAN_MIN_BLOCKS). Everywhere else XLA's own lowering is kept (GPU/TPU included).
+    loop (0.59 s); with it the scanned ResNets train a little faster than unrolled ones
+    (resnet_cifar's SCAN_MIN_BLOCKS). Everywhere else XLA's own lowering is kept (GPU/TPU included).
     """
     simple = (_in_scan[-1] and jax.default_backend() == "cpu" and tuple(window_strides) == (1, 1)
               and not any(d != 1 for d in (lhs_dilation or ()) + tuple(rhs_dilation or ()))

@@ -46,8 +46,8 @@ DEFAULT_BATCH = {"resnet56": 64, "resnet110": 32, "resnet1202": 8, "densenet121"
 DEFAULT_IMAGE = 32  # side of the square input of the any-size nets (the DenseNets)
 DEFAULT_COMPILE = ("lenet",)  # a cold torch.compile took 1-2 minutes per net here, under load
 # The default run keeps one net per kernel mix for the same budget, JAX compilation being most of
-# it (CPU time of a JaxEngine build, measured: resnet110 52 s, densenet121 80-120 s, densenet169
-# 143 s, densenet201 213 s, resnet1202 over 8 minutes and 10 GB before it was stopped).
+# it (wall time of a JaxEngine build, measured: densenet121 68-120 s, densenet169 143 s,
+# densenet201 213 s, resnet1202 108 s now that its stages are scanned; resnet110 16 s).
 # The deeper ResNets and the other DenseNets repeat the blocks of resnet20 and densenet121.
 DEFAULT_NETS = ("lenet", "dilated", "net", "net_width", "net_dropout", "net_batchnorm", "resnet20",
                 "densenet121")

@@ -103,16 +103,16 @@ def _train_in_child(name: str, ds: Dataset, tmp_path: Path) -> dict[str, Any]:
 
 
 # Every net, resnet1202 included: its stages are scanned (flaxnets.layers.BlockStack), so its
-# train step compiles in about 2 minutes here instead of not finishing in 16.5.
+# train step compiles in about 2 minutes here instead of not finishing in 16.5. It gets the same
+# 10 steps as the others: after only 2, its eval-mode loss is NaN (BatchNorm running statistics
+# of 2 batches through 600 blocks overflow; torch's twin does the same: eval logits std 3e16
+# after one update), which is the net at lr 0.1, not the port.
 @pytest.mark.parametrize("name", flaxnets.list_nets())
 def test_one_short_epoch_on_mock_data(name, mock_datasets, tmp_path):
     dataset = recipe_for(name).dataset
     ds = mock_datasets(dataset)
     assert ds.source.endswith(f"tfds:{data.TFDS_NAMES[dataset]}" if dataset in data.TFDS_NAMES
                               else "images")
-    if name == "resnet1202":  # 2 steps and 4 test images: each step of it takes seconds here
-        ds = Dataset(ds.x_train[:2 * BATCH], ds.y_train[:2 * BATCH], ds.x_test[:BATCH],
-                     ds.y_test[:BATCH], ds.class_names, ds.source)
     s = (_train_in_child(name, ds, tmp_path) if name in FAST_COMPILE
          else train_one_epoch(name, ds))
 

@@ -10,6 +10,8 @@ from typing import Any
 import jax
 from flax import nnx
 
+from flaxnets.layers import unrolled_stacks
+
 
 @contextlib.contextmanager
 def record_outputs(classes: Iterable[type], paths: Mapping[int, str]) -> Iterator[OrderedDict[str, Any]]:
@@ -36,7 +38,9 @@ def record_outputs(classes: Iterable[type], paths: Mapping[int, str]) -> Iterato
     try:
         for c, _ in saved:
             c.__call__ = wrap(c.__call__)
-        yield captured
+        # scanned blocks run one by one: inside a scan their outputs are tracers of the loop body
+        with unrolled_stacks():
+            yield captured
     finally:
         for c, own in saved:
             if own is None:

@@ -62,8 +62,31 @@ def _pair(v: int | tuple[int, int]) -> tuple[int, int]:
     return (v, v) if isinstance(v, int) else tuple(v)  # type: ignore[return-value]
 
 
-# --------------------------------------------------------------------------- convolution
+# --------------------------------------------------------------------------- trace-time flags
 _in_scan = [False]  # True while a BlockStack traces its scanned block
+_unrolled = [False]  # set by `unrolled_stacks`
+
+
+@contextlib.contextmanager
+def _raised(flag: list[bool]) -> Iterator[None]:
+    """Set a trace-time flag (a stack, so blocks nest) for the duration of the block."""
+    flag.append(True)
+    try:
+        yield
+    finally:
+        flag.pop()
+
+
+def unrolled_stacks() -> contextlib.AbstractContextManager[None]:
+    """Within the block, every ``BlockStack`` runs its blocks one by one (no scan).
+
+    For tools that need each block's output (``introspect.record_outputs``): inside a scan, a
+    block's output is only a tracer of the loop body.
+    """
+    return _raised(_unrolled)
+
+
+# --------------------------------------------------------------------------- convolution
 
 
 def conv_general_dilated(lhs: Array, rhs: Array, window_strides: Sequence[int], padding: Any,
@@ -81,15 +104,15 @@ def conv_general_dilated(lhs: Array, rhs: Array, window_strides: Sequence[int], 
     simple = (_in_scan[-1] and jax.default_backend() == "cpu" and tuple(window_strides) == (1, 1)
               and not any(d != 1 for d in (lhs_dilation or ()) + tuple(rhs_dilation or ()))
               and feature_group_count == 1 and not kw.get("preferred_element_type")
-              and dimension_numbers == _NHWC_SPEC)
+              and dimension_numbers == _NHWC)
     if simple:
         return _loop_conv(lhs, rhs, tuple(tuple(p) for p in padding))
     return jax.lax.conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation,
                                         dimension_numbers, feature_group_count, **kw)
 
 
-_NHWC = ("NHWC", "HWIO", "NHWC")
-_NHWC_SPEC = jax.lax.ConvDimensionNumbers((0, 3, 1, 2), (3, 2, 0, 1), (0, 3, 1, 2))  # as nnx.Conv passes it
+# NHWC input/output, HWIO kernel, in the form nnx.Conv passes (the rank-4 shapes are placeholders)
+_NHWC = jax.lax.conv_dimension_numbers((1,) * 4, (1,) * 4, ("NHWC", "HWIO", "NHWC"))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
@@ -252,23 +275,6 @@ class Sequential(nnx.Module):
         return x
 
 
-_unrolled = [False]  # set by `unrolled_stacks`
-
-
-@contextlib.contextmanager
-def unrolled_stacks() -> Iterator[None]:
-    """Within the block, every ``BlockStack`` runs its blocks one by one (no scan).
-
-    For tools that need each block's output as a value (the layer-by-layer parity report):
-    inside a scan, a block's output is only a tracer of the loop body.
-    """
-    _unrolled.append(True)
-    try:
-        yield
-    finally:
-        _unrolled.pop()
-
-
 class BlockStack(Sequential):
     """torch.nn.Sequential of blocks whose tail (from ``scan_from`` on) is one block repeated.
 
@@ -293,21 +299,19 @@ class BlockStack(Sequential):
             for block in tail:
                 x = block(x)
             return x
-        graphdef, _ = nnx.split(tail[0])
-        if any(nnx.graphdef(b) != graphdef for b in tail[1:]):
+        graphdefs, states = zip(*(nnx.split(b) for b in tail))
+        graphdef = graphdefs[0]
+        if any(g != graphdef for g in graphdefs[1:]):
             raise ValueError("BlockStack: the blocks from scan_from on differ in structure or "
                              "settings (e.g. one left in train mode); they cannot share one scan")
-        stacked = jax.tree.map(lambda *v: jnp.stack(v), *(nnx.state(b) for b in tail))
+        stacked = jax.tree.map(lambda *v: jnp.stack(v), *states)
 
         def body(h: Array, state: nnx.State) -> tuple[Array, nnx.State]:
             block = nnx.merge(graphdef, state)
             return block(h), nnx.state(block, nnx.BatchStat)
 
-        _in_scan.append(True)
-        try:
+        with _raised(_in_scan):
             x, stats = jax.lax.scan(body, x, stacked)
-        finally:
-            _in_scan.pop()
         for i, block in enumerate(tail):
             nnx.update(block, jax.tree.map(lambda v: v[i], stats))
         return x

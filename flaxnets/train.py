@@ -31,7 +31,6 @@ from flaxnets import checkpoint
 from flaxnets.data import Dataset
 from flaxnets.metrics import confusion_matrix
 from flaxnets.introspect import count_params, record_outputs
-from flaxnets.layers import unrolled_stacks
 from flaxnets.registry import check_image_shape
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -605,8 +604,7 @@ def model_summary(model: nnx.Module, input_shape: tuple[int, int, int]
     try:
         model.eval()
         graphdef, state = nnx.split(model)
-        # unrolled: a scanned block's outputs would be tracers of the loop body, not recorded
-        with record_outputs(leaf_classes, where) as outputs, unrolled_stacks():
+        with record_outputs(leaf_classes, where) as outputs:
             jax.eval_shape(forward, state, jax.ShapeDtypeStruct((1, *input_shape), jnp.float32))
     finally:
         model.train()

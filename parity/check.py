@@ -24,7 +24,6 @@ from flax import nnx
 import flaxnets
 import torch_ref
 from flaxnets.introspect import count_params, record_outputs
-from flaxnets.layers import unrolled_stacks
 from parity.convert import flax_to_torch, to_numpy_state_dict, torch_to_flax
 
 LOGIT_RTOL = 1e-5  # max|Δ| ≤ LOGIT_RTOL·max(1, max|logits|), CPU fp32
@@ -92,9 +91,7 @@ def _dropout_off(tmodel: torch.nn.Module, fmodel: nnx.Module) -> None:
 def _capture_flax(model: nnx.Module, x: jax.Array) -> OrderedDict[str, Any]:
     """Every submodule's output by module path, from one eager call of ``model``."""
     modules = [(".".join(map(str, p)), m) for p, m in nnx.iter_modules(model) if p]
-    # unrolled: inside a scanned stage a block's output is a tracer of the loop body, not a value
-    with record_outputs({type(m) for _, m in modules}, {id(m): p for p, m in modules}) as captured, \
-            unrolled_stacks():
+    with record_outputs({type(m) for _, m in modules}, {id(m): p for p, m in modules}) as captured:
         model(x)
     return captured
 

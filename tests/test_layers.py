@@ -1,4 +1,5 @@
-"""BlockStack (the scanned ResNet stages) and the convolution used inside its scan."""
+"""The CPU-only conv and pooling forms of flaxnets.layers equal XLA's own; BlockStack (the
+scanned ResNet stages) equals its blocks run one by one."""
 
 from __future__ import annotations
 
@@ -31,6 +32,64 @@ def test_loop_conv_equals_lax_conv_with_its_gradients(padding):
         assert a.shape == b.shape
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
 
+
+
+# With a budget of 1 byte per slice every slice is MIN_SLICE images: batch 37 -> 16 slices of
+# 2-3 images, 4 -> 2 slices, 9 -> 4, 6 -> 3. Strides, dilation, asymmetric padding and groups vary.
+@pytest.mark.parametrize("n,kernel,strides,padding,dilation,groups", [
+    (37, (5, 5), (1, 1), ((2, 2), (2, 2)), (1, 1), 1),
+    (4, (3, 3), (2, 2), ((1, 1), (1, 1)), (1, 1), 1),
+    (9, (3, 2), (1, 2), ((0, 1), (2, 0)), (2, 2), 1),
+    (6, (3, 3), (1, 1), ((1, 1), (1, 1)), (1, 1), 2),
+])
+def test_sliced_conv_equals_lax_conv_with_its_gradients(n, kernel, strides, padding, dilation, groups,
+                                                         monkeypatch):
+    monkeypatch.setattr(layers, "SLICE_BYTES", 1)
+    kx, kk, kg = jax.random.split(jax.random.key(0), 3)
+    x = jax.random.normal(kx, (n, 11, 10, 4))
+    k = jax.random.normal(kk, (*kernel, 4 // groups, 6))
+    args = (strides, padding, (1, 1), dilation, groups)
+
+    def lax_conv(x, k):
+        return jax.lax.conv_general_dilated(x, k, strides, padding, rhs_dilation=dilation,
+                                            dimension_numbers=("NHWC", "HWIO", "NHWC"),
+                                            feature_group_count=groups)
+
+    want, want_vjp = jax.vjp(lax_conv, x, k)
+    got, got_vjp = jax.vjp(lambda x, k: layers._sliced_conv(x, k, (*args, None)), x, k)
+    g = jax.random.normal(kg, want.shape)
+    np.testing.assert_array_equal(got, want)  # the forward is XLA's own conv
+    (dx, dk), (want_dx, want_dk) = got_vjp(g), want_vjp(g)
+    np.testing.assert_array_equal(dx, want_dx)
+    np.testing.assert_allclose(dk, want_dk, rtol=1e-5, atol=1e-4)  # summed in another order
+
+
+def test_slices_fill_the_budget_within_their_limits():
+    mib = layers.SLICE_BYTES
+    assert layers._slice_edges(256, mib // 16) == list(range(0, 257, 16))  # 16 images a slice
+    assert layers._slice_edges(256, mib // 100) == [0, 85, 170, 256]  # 3 even slices of <= 100
+    assert layers._slice_edges(64, mib // 2)[:3] == [0, 4, 8]  # at most MAX_SLICES (16) ...
+    assert layers._slice_edges(16, 10 * mib) == list(range(0, 17, 2))  # ... of at least 2 images
+    assert layers._slice_edges(64, mib // 64) == [0, 64]  # the batch fits: one slice
+    assert layers._slice_edges(3, 10 * mib) == [0, 3]
+
+
+def test_convs_with_spatial_kernels_take_the_chunked_gradient_on_the_cpu(monkeypatch):
+    calls = []
+    real = layers._sliced_conv
+    monkeypatch.setattr(layers, "_sliced_conv", lambda x, k, a: calls.append(k.shape) or real(x, k, a))
+    model = flaxnets.create("resnet20", option="B", seed=0)  # 3x3 convs and 1x1 projections
+    with unrolled_stacks():  # in a scan, the loop conv takes over (test above)
+        model(jnp.zeros((4, 32, 32, 3)))
+    kernels = [m.kernel.shape for _, m in nnx.iter_modules(model) if isinstance(m, nnx.Conv)]
+    assert {k[:2] for k in kernels} == {(3, 3), (1, 1)}
+    assert sorted(calls) == sorted(k for k in kernels if k[:2] == (3, 3))
+    assert calls if jax.default_backend() == "cpu" else not calls
+    calls.clear()
+    with unrolled_stacks():
+        model(jnp.zeros((3, 32, 32, 3)))  # fewer than two slices of MIN_SLICE images: not split
+    model(jnp.zeros((3, 32, 32, 3)))  # fewer than two slices of MIN_SLICE images: nothing to split
+    assert calls == []
 
 def _loss_and_state(model: nnx.Module, x: jax.Array, y: jax.Array, unrolled: bool):
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)

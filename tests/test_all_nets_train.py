@@ -7,10 +7,6 @@ the train and eval steps is what costs here, so a few real steps are enough.
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -25,18 +21,11 @@ import flaxnets
 from flaxnets import data
 from flaxnets.data import Dataset, load_dataset
 from flaxnets.train import fit, recipe_for
+from tests.child import DEEP, call_in_child
 
-ROOT = Path(__file__).resolve().parents[1]
 BATCH = 4
 MOCK_EXAMPLES = 40  # mock_data repeats them as the test split; cifar2 keeps the ~1/5 that are 0 or 2
 DENSENET_SIZE = (32, 32)
-# The deepest nets compile for minutes (measured on the shared 2-core CPU, default XLA flags:
-# densenet121 160-210 s, densenet201 320 s; resnet1202 108 s with its stages scanned). They
-# train in a child process with XLA's backend optimisation off: compile -53 % for densenet121
-# (and -45 % for resnet110 when its blocks were unrolled), same first-epoch loss to 4 digits.
-FAST_COMPILE = {"resnet1202", "densenet121", "densenet121_se", "densenet169",
-                "densenet201"}
-FAST_COMPILE_FLAGS = "--xla_backend_optimization_level=0"
 
 
 @pytest.fixture(scope="module")
@@ -86,20 +75,18 @@ def train_one_epoch(name: str, ds: Dataset) -> dict[str, Any]:
             "finite": all(bool(np.isfinite(a).all()) for a in after)}
 
 
+def train_one_epoch_from_file(name: str, npz: str) -> dict[str, Any]:
+    """``train_one_epoch`` on a dataset saved by ``_train_in_child`` (runs in the child)."""
+    z = np.load(npz)
+    ds = Dataset(*(z[k] for k in ("x_train", "y_train", "x_test", "y_test")),
+                 [str(c) for c in z["class_names"]], "mock")
+    return train_one_epoch(name, ds)
+
+
 def _train_in_child(name: str, ds: Dataset, tmp_path: Path) -> dict[str, Any]:
     np.savez(tmp_path / "ds.npz", x_train=ds.x_train, y_train=ds.y_train, x_test=ds.x_test,
              y_test=ds.y_test, class_names=np.asarray(ds.class_names))
-    code = ("import json, sys, numpy as np; from flaxnets.data import Dataset; "
-            "from tests.test_all_nets_train import train_one_epoch; "
-            "z = np.load(sys.argv[2]); "
-            "ds = Dataset(*(z[k] for k in ('x_train', 'y_train', 'x_test', 'y_test')), "
-            "[str(c) for c in z['class_names']], 'mock'); "
-            "print(json.dumps(train_one_epoch(sys.argv[1], ds)))")
-    env = dict(os.environ, XLA_FLAGS=f"{os.environ.get('XLA_FLAGS', '')} {FAST_COMPILE_FLAGS}")
-    out = subprocess.run([sys.executable, "-c", code, name, str(tmp_path / "ds.npz")], cwd=ROOT,
-                         env=env, capture_output=True, text=True, timeout=1800)
-    assert out.returncode == 0, out.stderr[-3000:]
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    return call_in_child(f"{__name__}.train_one_epoch_from_file", name, str(tmp_path / "ds.npz"))
 
 
 # Every net, resnet1202 included: its stages are scanned (flaxnets.layers.BlockStack), so its
@@ -113,7 +100,7 @@ def test_one_short_epoch_on_mock_data(name, mock_datasets, tmp_path):
     ds = mock_datasets(dataset)
     assert ds.source.endswith(f"tfds:{data.TFDS_NAMES[dataset]}" if dataset in data.TFDS_NAMES
                               else "images")
-    s = (_train_in_child(name, ds, tmp_path) if name in FAST_COMPILE
+    s = (_train_in_child(name, ds, tmp_path) if name in DEEP
          else train_one_epoch(name, ds))
 
     (row,) = s["metrics"]

@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from flaxnets.layers import SPEEDUPS
 from flaxnets.registry import get_spec, list_nets
 
 if TYPE_CHECKING:
@@ -35,7 +36,9 @@ if TYPE_CHECKING:
 
 ROOT = Path(__file__).resolve().parents[1]
 VARIANTS = ("jax", "torch", "torch_cl", "torch_compile")
-LABELS = {"jax": "JAX", "torch": "torch", "torch_cl": "torch-CL", "torch_compile": "torch.compile"}
+ABLATED = "jax_without"  # the JAX engine traced without the speed-ups named by --without
+LABELS = {"jax": "JAX", "torch": "torch", "torch_cl": "torch-CL", "torch_compile": "torch.compile",
+          ABLATED: "JAX without"}
 EAGER = ("torch", "torch_cl")  # the PyTorch variants the issue's goal compares JAX with
 TRAIN_OVER_FORWARD = 3  # backward ~ 2x forward (gradients of inputs and of weights)
 
@@ -169,13 +172,17 @@ def time_limit(seconds: float | None) -> Iterator[None]:
         signal.signal(signal.SIGALRM, old)
 
 
-def build_engine(variant: str, case: Case, splits: Splits, num_classes: int, seed: int) -> Any:
-    """The training engine of ``variant`` for ``case``, exactly as ``fit`` would build it."""
+def build_engine(variant: str, case: Case, splits: Splits, num_classes: int, seed: int,
+                 without: tuple[str, ...] = ()) -> Any:
+    """The training engine of ``variant`` for ``case``, exactly as ``fit`` would build it
+    (``ABLATED``: the JAX engine traced without the speed-ups ``without``)."""
+    from flaxnets import layers
     from flaxnets.train import JaxEngine, recipe_for
 
     recipe = recipe_for(case.net, batch_size=case.batch)
-    if variant == "jax":
-        return JaxEngine(case.net, splits, num_classes, recipe, seed)
+    if variant in ("jax", ABLATED):
+        with layers.without(*(without if variant == ABLATED else ())):  # its steps compile here
+            return JaxEngine(case.net, splits, num_classes, recipe, seed)
     from torch_ref.train import TorchEngine
 
     engine = TorchEngine(case.net, splits, num_classes, recipe, seed, channels_last=variant == "torch_cl")
@@ -201,7 +208,7 @@ def _error(e: BaseException) -> str:
 
 
 def measure_case(case: Case, variants: tuple[str, ...] = VARIANTS, repeats: int = 3, warmup: int = 1,
-                 compile_timeout: float | None = 120.0, seed: int = 0,
+                 compile_timeout: float | None = 120.0, seed: int = 0, without: tuple[str, ...] = (),
                  log: Callable[[str], None] = lambda s: None) -> dict[str, Any]:
     """Time ``train_epoch`` of each variant's engine, interleaved (J, T, T-CL, TC, J, ...).
 
@@ -226,12 +233,12 @@ def measure_case(case: Case, variants: tuple[str, ...] = VARIANTS, repeats: int 
     for v in variants:
         t0 = time.perf_counter()
         try:
-            engines[v] = build_engine(v, case, splits, num_classes, seed)
+            engines[v] = build_engine(v, case, splits, num_classes, seed, without)
         except Exception as e:  # reported per variant; the other variants still run
             drop(v, f"failed: {_error(e)}")
             continue
         res[v]["build_seconds"] = time.perf_counter() - t0
-        if v == "jax":
+        if v in ("jax", ABLATED):
             res[v]["compile_seconds"] = engines[v].compile_seconds  # train, eval, permutation
     for rnd in range(warmup + repeats):
         for v in list(engines):
@@ -268,6 +275,7 @@ def summarise(row: dict[str, Any], peak_flops: float) -> dict[str, Any]:
     row["percent_of_peak"] = {v: 100 * x * TRAIN_OVER_FORWARD * fwd / peak_flops for v, x in ips.items()}
     eager = [ips[v] for v in EAGER if v in ips]
     row["jax_over_best_eager"] = ips["jax"] / max(eager) if "jax" in ips and eager else None
+    row["jax_over_ablated"] = ips["jax"] / ips[ABLATED] if "jax" in ips and ABLATED in ips else None
     return row
 
 
@@ -493,7 +501,7 @@ def format_table(report: dict[str, Any]) -> str:
     for row in report["nets"]:
         vs = row["variants"]
         pct = row["percent_of_peak"]
-        best_t = max((pct[v] for v in pct if v != "jax"), default=None)
+        best_t = max((pct[v] for v in pct if v not in ("jax", ABLATED)), default=None)
         comp = [vs[v].get("compile_seconds") if v in vs else None for v in ("jax", "torch_compile")]
         cells = [row["net"], str(row["batch"]), "×".join(map(str, row["input"])),
                  *(_cell(vs[v]) if v in vs else "not run" for v in VARIANTS),
@@ -516,9 +524,25 @@ def format_table(report: dict[str, Any]) -> str:
     left_out = [n for n in list_nets() if n not in report["settings"]["nets"]]
     if left_out:
         lines.append(f"Not in this run: {', '.join(left_out)} (`--nets all` runs every net).")
+    if report["settings"].get("without"):
+        lines += ["", format_ablation(report)]
     if report.get("e2e"):
         lines += ["", format_e2e(report["e2e"])]
     return "\n".join(lines)
+
+
+def format_ablation(report: dict[str, Any]) -> str:
+    """What the speed-ups named by --without bring: the JAX engine with and without them."""
+    names = ", ".join(report["settings"]["without"])
+    lines = [f"| net | JAX img/s | JAX without {names} img/s | speed-up | compile s with / without |",
+             "|---|---:|---:|---:|---:|"]
+    for row in report["nets"]:
+        vs, ratio = row["variants"], row.get("jax_over_ablated")
+        comp = [_num(vs[v].get("compile_seconds"), ".1f") for v in ("jax", ABLATED)]
+        lines.append(f"| {row['net']} | {_cell(vs['jax'])} | {_cell(vs[ABLATED])} | "
+                     f"{_num(ratio, '.2f') + ('×' if ratio else '')} | {comp[0]} / {comp[1]} |")
+    return "\n".join(lines + ["", "Same engine, traced with and without them, timed interleaved "
+                                   "with the variants above (same function, same data)."])
 
 
 def format_e2e(e2e: dict[str, dict[str, Any]]) -> str:
@@ -555,6 +579,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         f"(default {' '.join(DEFAULT_COMPILE)}; each compile takes minutes here)")
     p.add_argument("--compile-timeout", type=float, default=120.0,
                    help="seconds torch.compile's first epoch may take before it is reported as a timeout")
+    p.add_argument("--without", nargs="+", default=[], choices=sorted(SPEEDUPS), metavar="SPEEDUP",
+                   help="also time the JAX engine without these speed-ups, interleaved (what each "
+                        f"brings): {', '.join(sorted(SPEEDUPS))}")
     p.add_argument("--e2e", action=argparse.BooleanOptionalAction, default=True,
                    help="end-to-end LeNet runs: train.py jax and torch, the material's loop (minutes)")
     p.add_argument("--peak-size", type=int, default=2048,
@@ -592,9 +619,10 @@ def run(args: argparse.Namespace, log: Callable[[str], None] = lambda s: None) -
     for net in args.nets:
         case = make_case(net, args.steps, args.batch, args.image)
         log(f"{net}: batch {case.batch}, input {case.input_shape}, {case.steps} steps")
-        variants = VARIANTS if net in args.compile_nets else VARIANTS[:-1]
+        variants = (VARIANTS if net in args.compile_nets else VARIANTS[:-1]) + ((ABLATED,) * bool(args.without))
         w0, c0 = time.perf_counter(), time.process_time()
-        row = measure_case(case, variants, args.repeats, args.warmup, args.compile_timeout, log=log)
+        row = measure_case(case, variants, args.repeats, args.warmup, args.compile_timeout,
+                           without=tuple(args.without), log=log)
         row.update(wall_seconds=time.perf_counter() - w0, cpu_seconds=time.process_time() - c0)
         report["nets"].append(summarise(row, peak["peak_flops"]))
         log(f"  {net}: " + ", ".join(f"{LABELS[v]} {_cell(r)}" for v, r in row["variants"].items())

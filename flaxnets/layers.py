@@ -64,7 +64,16 @@ def _pair(v: int | tuple[int, int]) -> tuple[int, int]:
 
 # --------------------------------------------------------------------------- trace-time flags
 _in_scan = [False]  # True while a BlockStack traces its scanned block
-_unrolled = [False]  # set by `unrolled_stacks`
+
+# The speed-ups of this module, by name; each gives the same function as what it replaces.
+# ``without`` turns some off (read when a step is traced), so that a benchmark can measure
+# each against its absence in one process (scripts/bench.py --without).
+SPEEDUPS = {
+    "scanned_stages": "identical blocks of a BlockStack run as one lax.scan (any backend)",
+    "sliced_kernel_grads": "CPU: conv kernel gradients summed over L2-sized slices of the batch",
+    "tiled_pools": "CPU: non-overlapping pools as a reshape and a reduction",
+}
+_off: list[frozenset[str]] = [frozenset()]
 
 
 @contextlib.contextmanager
@@ -77,13 +86,30 @@ def _raised(flag: list[bool]) -> Iterator[None]:
         flag.pop()
 
 
+@contextlib.contextmanager
+def without(*names: str) -> Iterator[None]:
+    """Within the block, models trace without the named ``SPEEDUPS``."""
+    unknown = [n for n in names if n not in SPEEDUPS]
+    if unknown:
+        raise ValueError(f"unknown speed-up {unknown[0]!r}; valid: {', '.join(SPEEDUPS)}")
+    _off.append(_off[-1] | set(names))
+    try:
+        yield
+    finally:
+        _off.pop()
+
+
+def _on(name: str) -> bool:
+    return name not in _off[-1]
+
+
 def unrolled_stacks() -> contextlib.AbstractContextManager[None]:
     """Within the block, every ``BlockStack`` runs its blocks one by one (no scan).
 
     For tools that need each block's output (``introspect.record_outputs``): inside a scan, a
     block's output is only a tracer of the loop body.
     """
-    return _raised(_unrolled)
+    return without("scanned_stages")
 
 
 # --------------------------------------------------------------------------- convolution
@@ -106,7 +132,8 @@ def conv_general_dilated(lhs: Array, rhs: Array, window_strides: Sequence[int], 
     if cpu_nhwc and _in_scan[-1]:
         if args[0] == args[2] == args[3] == (1, 1) and feature_group_count == 1:
             return _loop_conv(lhs, rhs, args[1])
-    elif cpu_nhwc and rhs.shape[0] * rhs.shape[1] > 1 and lhs.shape[0] >= 2 * MIN_SLICE:
+    elif (cpu_nhwc and _on("sliced_kernel_grads") and rhs.shape[0] * rhs.shape[1] > 1
+          and lhs.shape[0] >= 2 * MIN_SLICE):
         return _sliced_conv(lhs, rhs, (*args, kw.get("precision")))
     return jax.lax.conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation,
                                         dimension_numbers, feature_group_count, **kw)
@@ -355,7 +382,7 @@ class BlockStack(Sequential):
         head, tail = names[: self.scan_from], [getattr(self, n) for n in names[self.scan_from:]]
         for name in head:
             x = getattr(self, name)(x)
-        if _unrolled[-1] or len(tail) < max(self.scan_min, 2):
+        if not _on("scanned_stages") or len(tail) < max(self.scan_min, 2):
             for block in tail:
                 x = block(x)
             return x
@@ -407,7 +434,7 @@ def _tiles(x: Array, k: int) -> Array:
 
 def _tiled(kernel_size: int, stride: int, padding: int) -> bool:
     """Whether a pool runs as a reshape on this backend (see ``pool2d``)."""
-    return jax.default_backend() == "cpu" and kernel_size == stride and padding == 0
+    return jax.default_backend() == "cpu" and _on("tiled_pools") and kernel_size == stride and padding == 0
 
 
 def pool2d(x: Array, kind: str, kernel_size: int, stride: int | None = None, padding: int = 0) -> Array:

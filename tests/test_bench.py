@@ -64,6 +64,40 @@ def test_variants_are_interleaved_and_failures_reported_per_variant(monkeypatch)
     assert v["jax"]["compile_seconds"] == 1.5
 
 
+
+def test_the_ablated_engine_is_traced_without_the_named_speedups(monkeypatch):
+    from flaxnets import layers
+
+    pooled = []
+    real = layers._tiles
+    monkeypatch.setattr(layers, "_tiles", lambda *a: pooled.append(1) or real(*a))
+    case = bench.make_case("net", steps=1, batch=8)
+    splits = bench.synthetic_splits(case, 2)
+    bench.build_engine("jax", case, splits, 2, 0, without=("tiled_pools",))  # ignored: not ABLATED
+    assert pooled  # net's two 2x2 max pools, tiled on the CPU
+    pooled.clear()
+    engine = bench.build_engine(bench.ABLATED, case, splits, 2, 0, without=("tiled_pools",))
+    assert pooled == [] and layers._on("tiled_pools")  # traced without; switched back on after
+    engine.train_epoch(0)
+    with pytest.raises(ValueError, match="unknown speed-up 'fast'; valid: scanned_stages"):
+        bench.build_engine(bench.ABLATED, case, splits, 2, 0, without=("fast",))
+
+
+def test_the_ablation_table_gives_each_nets_speedup(monkeypatch):
+    built = []
+    monkeypatch.setattr(bench, "build_engine",
+                        lambda v, *a: built.append((v, a[-1])) or FakeEngine(v, []))
+    case = bench.Case("lenet", 4, (28, 28, 1), 2)
+    row = bench.measure_case(case, ("jax", bench.ABLATED), repeats=1, without=("tiled_pools",))
+    assert built == [("jax", ("tiled_pools",)), (bench.ABLATED, ("tiled_pools",))]
+    row["variants"]["jax"]["median_images_per_s"] = 300.0
+    row["variants"][bench.ABLATED]["median_images_per_s"] = 200.0
+    bench.summarise(row, peak_flops=1e9)
+    assert row["jax_over_ablated"] == 1.5 and row["jax_over_best_eager"] is None
+    text = bench.format_ablation({"settings": {"without": ["tiled_pools"]}, "nets": [row]})
+    assert "| net | JAX img/s | JAX without tiled_pools img/s | speed-up |" in text
+    assert "| lenet | 300 | 200 | 1.50× | 1.5 / 1.5 |" in text
+
 def test_bench_script_prints_the_table_and_writes_bench_json(tmp_path):
     out = tmp_path / "bench.json"
     cmd = [sys.executable, "scripts/bench.py", "--nets", "net", "--batch", "16", "--steps", "2",

@@ -65,31 +65,33 @@ def test_sliced_conv_equals_lax_conv_with_its_gradients(n, kernel, strides, padd
 
 
 def test_slices_fill_the_budget_within_their_limits():
-    mib = layers.SLICE_BYTES
-    assert layers._slice_edges(256, mib // 16) == list(range(0, 257, 16))  # 16 images a slice
-    assert layers._slice_edges(256, mib // 100) == [0, 85, 170, 256]  # 3 even slices of <= 100
-    assert layers._slice_edges(64, mib // 2)[:3] == [0, 4, 8]  # at most MAX_SLICES (16) ...
-    assert layers._slice_edges(16, 10 * mib) == list(range(0, 17, 2))  # ... of at least 2 images
-    assert layers._slice_edges(64, mib // 64) == [0, 64]  # the batch fits: one slice
-    assert layers._slice_edges(3, 10 * mib) == [0, 3]
+    budget = layers.SLICE_BYTES
+    assert layers._slice_edges(256, budget // 16) == list(range(0, 257, 16))  # 16 images a slice
+    assert layers._slice_edges(256, budget // 100) == [0, 85, 170, 256]  # 3 even slices of <= 100
+    assert layers._slice_edges(64, budget // 2)[:3] == [0, 4, 8]  # at most MAX_SLICES (16) ...
+    assert layers._slice_edges(16, 10 * budget) == list(range(0, 17, 2))  # ... of at least 2 images
+    assert layers._slice_edges(64, budget // 64) == [0, 64]  # the batch fits: one slice
+    assert layers._slice_edges(3, 10 * budget) == [0, 3]
 
 
-def test_convs_with_spatial_kernels_take_the_chunked_gradient_on_the_cpu(monkeypatch):
+def test_convs_with_spatial_kernels_take_the_sliced_gradient_on_the_cpu(monkeypatch):
     calls = []
     real = layers._sliced_conv
     monkeypatch.setattr(layers, "_sliced_conv", lambda x, k, a: calls.append(k.shape) or real(x, k, a))
     model = flaxnets.create("resnet20", option="B", seed=0)  # 3x3 convs and 1x1 projections
-    with unrolled_stacks():  # in a scan, the loop conv takes over (test above)
+    with unrolled_stacks():  # in a scan, the loop conv takes over (test below)
         model(jnp.zeros((4, 32, 32, 3)))
     kernels = [m.kernel.shape for _, m in nnx.iter_modules(model) if isinstance(m, nnx.Conv)]
     assert {k[:2] for k in kernels} == {(3, 3), (1, 1)}
-    assert sorted(calls) == sorted(k for k in kernels if k[:2] == (3, 3))
-    assert calls if jax.default_backend() == "cpu" else not calls
+    spatial = sorted(k for k in kernels if k[:2] == (3, 3))
+    assert sorted(calls) == (spatial if jax.default_backend() == "cpu" else [])
     calls.clear()
     with unrolled_stacks():
         model(jnp.zeros((3, 32, 32, 3)))  # fewer than two slices of MIN_SLICE images: not split
-    model(jnp.zeros((3, 32, 32, 3)))  # fewer than two slices of MIN_SLICE images: nothing to split
+        with layers.without("sliced_kernel_grads"):
+            model(jnp.zeros((4, 32, 32, 3)))
     assert calls == []
+
 
 def _loss_and_state(model: nnx.Module, x: jax.Array, y: jax.Array, unrolled: bool):
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
@@ -148,13 +150,14 @@ def test_the_scan_uses_the_loop_conv_and_only_inside_it(monkeypatch):
 
 @pytest.mark.parametrize("kind", ["max", "avg"])
 @pytest.mark.parametrize("shape,k", [((2, 8, 8, 3), 2), ((2, 9, 7, 4), 2), ((1, 12, 12, 2), 3)])
-def test_tiled_pooling_equals_reduce_window(kind, shape, k, monkeypatch):
+def test_tiled_pooling_equals_reduce_window(kind, shape, k):
     x = jax.random.normal(jax.random.key(0), shape)
     g = jax.random.normal(jax.random.key(1), (shape[0], shape[1] // k, shape[2] // k, shape[3]))
     assert layers._tiled(k, k, 0) == (jax.default_backend() == "cpu")
     got, got_vjp = jax.vjp(lambda x: layers.pool2d(x, kind, k), x)
-    monkeypatch.setattr(layers, "_tiled", lambda *a: False)
-    want, want_vjp = jax.vjp(lambda x: layers.pool2d(x, kind, k), x)
+    with layers.without("tiled_pools"):
+        assert not layers._tiled(k, k, 0)
+        want, want_vjp = jax.vjp(lambda x: layers.pool2d(x, kind, k), x)
     np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
     np.testing.assert_allclose(got_vjp(g)[0], want_vjp(g)[0], rtol=1e-6, atol=1e-6)
 

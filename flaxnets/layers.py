@@ -71,6 +71,7 @@ _in_scan = [False]  # True while a BlockStack traces its scanned block
 SPEEDUPS = {
     "scanned_stages": "identical blocks of a BlockStack run as one lax.scan (any backend)",
     "sliced_kernel_grads": "CPU: conv kernel gradients summed over L2-sized slices of the batch",
+    "im2col_rgb_convs": "CPU: stride-1 convs of 3 input channels as one matrix product (im2col)",
     "tiled_pools": "CPU: non-overlapping pools as a reshape and a reduction",
 }
 _off: list[frozenset[str]] = [frozenset()]
@@ -121,9 +122,9 @@ def conv_general_dilated(lhs: Array, rhs: Array, window_strides: Sequence[int], 
                          feature_group_count: int = 1, **kw: Any) -> Array:
     """``lax.conv_general_dilated`` with, on the CPU only, gradients XLA:CPU runs faster.
 
-    Inside a BlockStack scan a stride-1 conv is ``_loop_conv``; elsewhere an NHWC conv with a
-    spatial kernel is ``_sliced_conv``. Same function, same lowering of every forward conv;
-    GPU/TPU keep XLA's own gradients.
+    Inside a BlockStack scan a stride-1 conv is ``_loop_conv``; elsewhere a stride-1 conv of 3
+    input channels (an RGB image) is ``_im2col_conv`` and other NHWC convs with a spatial kernel
+    are ``_sliced_conv``. Same function; GPU/TPU keep XLA's own convolutions.
     """
     args = (tuple(window_strides), tuple(tuple(p) for p in padding), tuple(lhs_dilation or (1, 1)),
             tuple(rhs_dilation or (1, 1)), feature_group_count)
@@ -132,6 +133,9 @@ def conv_general_dilated(lhs: Array, rhs: Array, window_strides: Sequence[int], 
     if cpu_nhwc and _in_scan[-1]:
         if args[0] == args[2] == args[3] == (1, 1) and feature_group_count == 1:
             return _loop_conv(lhs, rhs, args[1])
+    elif (cpu_nhwc and _on("im2col_rgb_convs") and rhs.shape[2] == 3 and args[0] == args[2] == (1, 1)
+          and feature_group_count == 1):
+        return _im2col_conv(lhs, rhs, args[1], args[3], kw.get("precision"))
     elif (cpu_nhwc and _on("sliced_kernel_grads") and rhs.shape[0] * rhs.shape[1] > 1
           and lhs.shape[0] >= 2 * MIN_SLICE):
         return _sliced_conv(lhs, rhs, (*args, kw.get("precision")))
@@ -179,6 +183,24 @@ def _loop_conv_bwd(padding: tuple[tuple[int, int], ...], res: tuple[Array, Array
 
 
 _loop_conv.defvjp(_loop_conv_fwd, _loop_conv_bwd)
+
+
+def _im2col_conv(x: Array, k: Array, padding: tuple[tuple[int, int], ...], dilation: tuple[int, int],
+                 precision: Any) -> Array:
+    """A stride-1 NHWC×HWIO conv as one matrix product over the stacked taps (im2col).
+
+    XLA:CPU runs a conv of 3 input channels on one thread: 3x3 3->32 on 64x32x32 took 9.2 ms
+    forward against 4.4 ms as im2col (3->16: 4.6 vs 4.0 ms), and autodiff turns the kernel
+    gradient into one large matrix product too. Only for 3 channels: with 1 (LeNet's 5x5 1->6,
+    12.9 vs 16.4 ms) or 16 (1.4 vs 2.9 ms) the stacked taps cost more than they save.
+    """
+    kh, kw, ci, co = k.shape
+    (dh, dw), n = dilation, x.shape[0]
+    xp = jnp.pad(x, ((0, 0), *padding, (0, 0)))
+    oh, ow = xp.shape[1] - dh * (kh - 1), xp.shape[2] - dw * (kw - 1)
+    cols = jnp.concatenate([xp[:, i * dh:i * dh + oh, j * dw:j * dw + ow, :]
+                            for i in range(kh) for j in range(kw)], axis=-1)  # (i, j, c): HWIO order
+    return jnp.dot(cols.reshape(-1, kh * kw * ci), k.reshape(-1, co), precision=precision).reshape(n, oh, ow, co)
 
 
 # The kernel gradient of a conv, on the CPU, as a sum over slices of the batch. XLA:CPU runs a

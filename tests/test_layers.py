@@ -64,6 +64,41 @@ def test_sliced_conv_equals_lax_conv_with_its_gradients(n, kernel, strides, padd
     np.testing.assert_allclose(dk, want_dk, rtol=1e-5, atol=1e-4)  # summed in another order
 
 
+
+@pytest.mark.parametrize("kernel,padding,dilation", [((3, 3), ((1, 1), (1, 1)), (1, 1)),
+                                                      ((5, 3), ((0, 2), (1, 0)), (1, 1)),
+                                                      ((3, 3), ((2, 2), (2, 2)), (2, 2))])
+def test_im2col_conv_equals_lax_conv_with_its_gradients(kernel, padding, dilation):
+    kx, kk, kg = jax.random.split(jax.random.key(0), 3)
+    x = jax.random.normal(kx, (5, 12, 9, 3))
+    k = jax.random.normal(kk, (*kernel, 3, 7))
+
+    def lax_conv(x, k):
+        return jax.lax.conv_general_dilated(x, k, (1, 1), padding, rhs_dilation=dilation,
+                                            dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+    want, want_vjp = jax.vjp(lax_conv, x, k)
+    got, got_vjp = jax.vjp(lambda x, k: layers._im2col_conv(x, k, padding, dilation, None), x, k)
+    assert got.shape == want.shape
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    g = jax.random.normal(kg, want.shape)
+    for a, b in zip(got_vjp(g), want_vjp(g)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-4)
+
+
+def test_only_stride_1_convs_of_rgb_images_take_im2col(monkeypatch):
+    calls = []
+    real = layers._im2col_conv
+    monkeypatch.setattr(layers, "_im2col_conv", lambda x, k, *a: calls.append(k.shape) or real(x, k, *a))
+    for name in ("net", "resnet20"):  # 3->16 3x3 first convs; the rest take more channels
+        flaxnets.create(name, seed=0)(jnp.zeros((2, 32, 32, 3)))
+    flaxnets.create("densenet121_se", num_classes=2, seed=0).features.conv0(jnp.zeros((2, 32, 32, 3)))
+    assert calls == ([(3, 3, 3, 16)] * 2 if jax.default_backend() == "cpu" else [])  # not conv0: stride 2
+    calls.clear()
+    with layers.without("im2col_rgb_convs"):
+        flaxnets.create("net", seed=0)(jnp.zeros((2, 32, 32, 3)))
+    assert calls == []
+
 def test_slices_fill_the_budget_within_their_limits():
     budget = layers.SLICE_BYTES
     assert layers._slice_edges(256, budget // 16) == list(range(0, 257, 16))  # 16 images a slice

@@ -120,11 +120,11 @@ def conv_general_dilated(lhs: Array, rhs: Array, window_strides: Sequence[int], 
                          lhs_dilation: Sequence[int] | None = None,
                          rhs_dilation: Sequence[int] | None = None, dimension_numbers: Any = None,
                          feature_group_count: int = 1, **kw: Any) -> Array:
-    """``lax.conv_general_dilated`` with, on the CPU only, gradients XLA:CPU runs faster.
+    """``lax.conv_general_dilated``; on the CPU, in forms XLA:CPU runs faster (same function).
 
     Inside a BlockStack scan a stride-1 conv is ``_loop_conv``; elsewhere a stride-1 conv of 3
     input channels (an RGB image) is ``_im2col_conv`` and other NHWC convs with a spatial kernel
-    are ``_sliced_conv``. Same function; GPU/TPU keep XLA's own convolutions.
+    are ``_sliced_conv`` (see SPEEDUPS). GPU/TPU keep XLA's own convolutions.
     """
     args = (tuple(window_strides), tuple(tuple(p) for p in padding), tuple(lhs_dilation or (1, 1)),
             tuple(rhs_dilation or (1, 1)), feature_group_count)

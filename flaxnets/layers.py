@@ -78,13 +78,13 @@ _off: list[frozenset[str]] = [frozenset()]
 
 
 @contextlib.contextmanager
-def _raised(flag: list[bool]) -> Iterator[None]:
-    """Set a trace-time flag (a stack, so blocks nest) for the duration of the block."""
-    flag.append(True)
+def _pushed(stack: list[Any], value: Any) -> Iterator[None]:
+    """Give a trace-time setting (a stack, so blocks nest) ``value`` for the duration of the block."""
+    stack.append(value)
     try:
         yield
     finally:
-        flag.pop()
+        stack.pop()
 
 
 @contextlib.contextmanager
@@ -93,11 +93,8 @@ def without(*names: str) -> Iterator[None]:
     unknown = [n for n in names if n not in SPEEDUPS]
     if unknown:
         raise ValueError(f"unknown speed-up {unknown[0]!r}; valid: {', '.join(SPEEDUPS)}")
-    _off.append(_off[-1] | set(names))
-    try:
+    with _pushed(_off, _off[-1] | set(names)):
         yield
-    finally:
-        _off.pop()
 
 
 def _on(name: str) -> bool:
@@ -126,25 +123,36 @@ def conv_general_dilated(lhs: Array, rhs: Array, window_strides: Sequence[int], 
     input channels (an RGB image) is ``_im2col_conv`` and other NHWC convs with a spatial kernel
     are ``_sliced_conv`` (see SPEEDUPS). GPU/TPU keep XLA's own convolutions.
     """
-    args = (tuple(window_strides), tuple(tuple(p) for p in padding), tuple(lhs_dilation or (1, 1)),
-            tuple(rhs_dilation or (1, 1)), feature_group_count)
+    strides, pads = tuple(window_strides), tuple(tuple(p) for p in padding)
+    lhs_dil, rhs_dil = tuple(lhs_dilation or (1, 1)), tuple(rhs_dilation or (1, 1))
     cpu_nhwc = (jax.default_backend() == "cpu" and dimension_numbers == _NHWC
                 and not kw.get("preferred_element_type") and kw.get("out_sharding") is None)
+    plain = strides == lhs_dil == (1, 1) and feature_group_count == 1  # stride 1, no input dilation
     if cpu_nhwc and _in_scan[-1]:
-        if args[0] == args[2] == args[3] == (1, 1) and feature_group_count == 1:
-            return _loop_conv(lhs, rhs, args[1])
-    elif (cpu_nhwc and _on("im2col_rgb_convs") and rhs.shape[2] == 3 and args[0] == args[2] == (1, 1)
-          and feature_group_count == 1):
-        return _im2col_conv(lhs, rhs, args[1], args[3], kw.get("precision"))
+        if plain and rhs_dil == (1, 1):
+            return _loop_conv(lhs, rhs, pads)
+    elif cpu_nhwc and _on("im2col_rgb_convs") and rhs.shape[2] == 3 and plain:
+        return _im2col_conv(lhs, rhs, pads, rhs_dil, kw.get("precision"))
     elif (cpu_nhwc and _on("sliced_kernel_grads") and rhs.shape[0] * rhs.shape[1] > 1
           and lhs.shape[0] >= 2 * MIN_SLICE):
-        return _sliced_conv(lhs, rhs, (*args, kw.get("precision")))
+        return _sliced_conv(lhs, rhs, (strides, pads, lhs_dil, rhs_dil, feature_group_count,
+                                       kw.get("precision")))
     return jax.lax.conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation,
                                         dimension_numbers, feature_group_count, **kw)
 
 
 # NHWC input/output, HWIO kernel, in the form nnx.Conv passes (the rank-4 shapes are placeholders)
 _NHWC = jax.lax.conv_dimension_numbers((1,) * 4, (1,) * 4, ("NHWC", "HWIO", "NHWC"))
+
+
+def _taps(x: Array, kernel: tuple[int, int], padding: tuple[tuple[int, int], ...],
+          dilation: tuple[int, int]) -> list[Array]:
+    """The windows of the padded input that each kernel tap (i, j) sees in a stride-1 conv,
+    in HWIO order: ``conv(x, k) == sum over taps of window @ k[i, j]``."""
+    (kh, kw), (dh, dw) = kernel, dilation
+    xp = jnp.pad(x, ((0, 0), *padding, (0, 0)))
+    oh, ow = xp.shape[1] - dh * (kh - 1), xp.shape[2] - dw * (kw - 1)
+    return [xp[:, i * dh:i * dh + oh, j * dw:j * dw + ow, :] for i in range(kh) for j in range(kw)]
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
@@ -174,12 +182,9 @@ def _loop_conv_bwd(padding: tuple[tuple[int, int], ...], res: tuple[Array, Array
     dx = jax.lax.conv_general_dilated(g, kt, (1, 1), ((kh - 1 - pt, kh - 1 - pb), (kw - 1 - pl, kw - 1 - pr)),
                                       dimension_numbers=_NHWC)
     # kernel gradient: one matrix product per tap, (ci, n·h·w) @ (n·h·w, co)
-    xp = jnp.pad(x, ((0, 0), (pt, pb), (pl, pr), (0, 0)))
-    oh, ow = g.shape[1:3]
     g2 = g.reshape(-1, co)
-    dk = jnp.stack([xp[:, i:i + oh, j:j + ow, :].reshape(-1, ci).T @ g2
-                    for i in range(kh) for j in range(kw)]).reshape(kh, kw, ci, co)
-    return dx, dk
+    dk = jnp.stack([t.reshape(-1, ci).T @ g2 for t in _taps(x, (kh, kw), padding, (1, 1))])
+    return dx, dk.reshape(kh, kw, ci, co)
 
 
 _loop_conv.defvjp(_loop_conv_fwd, _loop_conv_bwd)
@@ -195,12 +200,9 @@ def _im2col_conv(x: Array, k: Array, padding: tuple[tuple[int, int], ...], dilat
     12.9 vs 16.4 ms) or 16 (1.4 vs 2.9 ms) the stacked taps cost more than they save.
     """
     kh, kw, ci, co = k.shape
-    (dh, dw), n = dilation, x.shape[0]
-    xp = jnp.pad(x, ((0, 0), *padding, (0, 0)))
-    oh, ow = xp.shape[1] - dh * (kh - 1), xp.shape[2] - dw * (kw - 1)
-    cols = jnp.concatenate([xp[:, i * dh:i * dh + oh, j * dw:j * dw + ow, :]
-                            for i in range(kh) for j in range(kw)], axis=-1)  # (i, j, c): HWIO order
-    return jnp.dot(cols.reshape(-1, kh * kw * ci), k.reshape(-1, co), precision=precision).reshape(n, oh, ow, co)
+    cols = jnp.concatenate(_taps(x, (kh, kw), padding, dilation), axis=-1)  # (i, j, c): HWIO order
+    out = jnp.dot(cols.reshape(-1, kh * kw * ci), k.reshape(-1, co), precision=precision)
+    return out.reshape(*cols.shape[:3], co)
 
 
 # The kernel gradient of a conv, on the CPU, as a sum over slices of the batch. XLA:CPU runs a
@@ -419,7 +421,7 @@ class BlockStack(Sequential):
             block = nnx.merge(graphdef, state)
             return block(h), nnx.state(block, nnx.BatchStat)
 
-        with _raised(_in_scan):
+        with _pushed(_in_scan, True):
             x, stats = jax.lax.scan(body, x, stacked)
         for i, block in enumerate(tail):
             nnx.update(block, jax.tree.map(lambda v: v[i], stats))

@@ -11,7 +11,7 @@ import contextlib
 import functools
 import math
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -71,7 +71,7 @@ _in_scan = [False]  # True while a BlockStack traces its scanned block
 SPEEDUPS = {
     "scanned_stages": "identical blocks of a BlockStack run as one lax.scan (any backend)",
     "sliced_kernel_grads": "CPU: conv kernel gradients summed over L2-sized slices of the batch",
-    "im2col_rgb_convs": "CPU: stride-1 convs of 3 input channels as one matrix product (im2col)",
+    "tap_sum_convs": "CPU: stride-1 convs of at most 3 input channels as a sum of shifted inputs",
     "tiled_pools": "CPU: non-overlapping pools as a reshape and a reduction",
 }
 _off: list[frozenset[str]] = [frozenset()]
@@ -119,9 +119,9 @@ def conv_general_dilated(lhs: Array, rhs: Array, window_strides: Sequence[int], 
                          feature_group_count: int = 1, **kw: Any) -> Array:
     """``lax.conv_general_dilated``; on the CPU, in forms XLA:CPU runs faster (same function).
 
-    Inside a BlockStack scan a stride-1 conv is ``_loop_conv``; elsewhere a stride-1 conv of 3
-    input channels (an RGB image) is ``_im2col_conv`` and other NHWC convs with a spatial kernel
-    are ``_sliced_conv`` (see SPEEDUPS). GPU/TPU keep XLA's own convolutions.
+    Inside a BlockStack scan a stride-1 conv is ``_loop_conv``; elsewhere an NHWC conv of at
+    most 3 input channels (an image) runs forward as a tap sum, and one with a spatial kernel
+    takes its kernel gradient in slices (``_cpu_conv``, see SPEEDUPS). GPU/TPU keep XLA's own.
     """
     strides, pads = tuple(window_strides), tuple(tuple(p) for p in padding)
     lhs_dil, rhs_dil = tuple(lhs_dilation or (1, 1)), tuple(rhs_dilation or (1, 1))
@@ -131,12 +131,13 @@ def conv_general_dilated(lhs: Array, rhs: Array, window_strides: Sequence[int], 
     if cpu_nhwc and _in_scan[-1]:
         if plain and rhs_dil == (1, 1):
             return _loop_conv(lhs, rhs, pads)
-    elif cpu_nhwc and _on("im2col_rgb_convs") and rhs.shape[2] == 3 and plain:
-        return _im2col_conv(lhs, rhs, pads, rhs_dil, kw.get("precision"))
-    elif (cpu_nhwc and _on("sliced_kernel_grads") and rhs.shape[0] * rhs.shape[1] > 1
-          and lhs.shape[0] >= 2 * MIN_SLICE):
-        return _sliced_conv(lhs, rhs, (strides, pads, lhs_dil, rhs_dil, feature_group_count,
-                                       kw.get("precision")))
+    elif cpu_nhwc:
+        tap_sum = _on("tap_sum_convs") and plain and rhs.shape[2] <= TAP_SUM_MAX_CHANNELS
+        sliced = (_on("sliced_kernel_grads") and rhs.shape[0] * rhs.shape[1] > 1
+                  and lhs.shape[0] >= 2 * MIN_SLICE)
+        if tap_sum or sliced:
+            return _cpu_conv(lhs, rhs, _ConvArgs(strides, pads, lhs_dil, rhs_dil, feature_group_count,
+                                                 kw.get("precision"), tap_sum, sliced))
     return jax.lax.conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation,
                                         dimension_numbers, feature_group_count, **kw)
 
@@ -190,19 +191,24 @@ def _loop_conv_bwd(padding: tuple[tuple[int, int], ...], res: tuple[Array, Array
 _loop_conv.defvjp(_loop_conv_fwd, _loop_conv_bwd)
 
 
-def _im2col_conv(x: Array, k: Array, padding: tuple[tuple[int, int], ...], dilation: tuple[int, int],
-                 precision: Any) -> Array:
-    """A stride-1 NHWC×HWIO conv as one matrix product over the stacked taps (im2col).
+# A conv of 1-3 input channels (the first conv of a net) as a sum over taps and channels of a
+# shifted input channel times a row of the kernel: one elementwise loop that XLA fuses and runs
+# on both cores, where its own conv of so few channels runs on one. Measured here (2-core Xeon,
+# jax 0.10.2), forward / forward + kernel gradient, XLA's conv -> tap sum: LeNet 5x5 1->6 on
+# 256x28x28 9.7/18.5 -> 1.7/8.8 ms; the dilated net's 3x3 1->16 (dilation 2) on 64x28x28
+# 8.9/11.1 -> 0.5/2.1; 3x3 3->16 on 128x32x32 8.3/13.8 -> 2.7/6.0 (im2col, the previous form for
+# 3 channels: 9.4/11.2); 3x3 3->64 on 16x32x32 4.0/4.6 -> 1.8/3.7. From 6 channels on it loses
+# (LeNet's 5x5 6->16 with its gradients: 16.7 -> 19.0 ms; 3x3 8->16: 4.1 -> 4.6).
+TAP_SUM_MAX_CHANNELS = 3
 
-    XLA:CPU runs a conv of 3 input channels on one thread: 3x3 3->32 on 64x32x32 took 9.2 ms
-    forward against 4.4 ms as im2col (3->16: 4.6 vs 4.0 ms), and autodiff turns the kernel
-    gradient into one large matrix product too. Only for 3 channels: with 1 (LeNet's 5x5 1->6,
-    12.9 vs 16.4 ms) or 16 (1.4 vs 2.9 ms) the stacked taps cost more than they save.
-    """
-    kh, kw, ci, co = k.shape
-    cols = jnp.concatenate(_taps(x, (kh, kw), padding, dilation), axis=-1)  # (i, j, c): HWIO order
-    out = jnp.dot(cols.reshape(-1, kh * kw * ci), k.reshape(-1, co), precision=precision)
-    return out.reshape(*cols.shape[:3], co)
+
+def _tap_sum(x: Array, k: Array, padding: tuple[tuple[int, int], ...], dilation: tuple[int, int]) -> Array:
+    """A stride-1 NHWC×HWIO conv as the sum over taps (i, j) and input channels c of the
+    window's channel c times ``k[i, j, c]`` (see above)."""
+    kh, kw, ci, _ = k.shape
+    windows = _taps(x, (kh, kw), padding, dilation)
+    return functools.reduce(jnp.add, (w[..., c:c + 1] * k[t // kw, t % kw, c]
+                                      for t, w in enumerate(windows) for c in range(ci)))
 
 
 # The kernel gradient of a conv, on the CPU, as a sum over slices of the batch. XLA:CPU runs a
@@ -229,33 +235,47 @@ def _slice_edges(n: int, image_bytes: int) -> list[int]:
     return [n * i // slices for i in range(slices + 1)]
 
 
-def _lax_conv(x: Array, k: Array, args: tuple[Any, ...]) -> Array:
-    strides, padding, lhs_dil, rhs_dil, groups, precision = args
-    return jax.lax.conv_general_dilated(x, k, strides, padding, lhs_dil, rhs_dil, _NHWC, groups,
-                                        precision=precision)
+class _ConvArgs(NamedTuple):
+    """A ``_cpu_conv``'s static arguments: the conv's own, then which CPU forms it takes."""
+
+    strides: tuple[int, int]
+    padding: tuple[tuple[int, int], ...]
+    lhs_dilation: tuple[int, int]
+    rhs_dilation: tuple[int, int]
+    groups: int
+    precision: Any
+    tap_sum: bool  # forward as _tap_sum (stride 1, groups 1, no input dilation)
+    sliced: bool  # kernel gradient summed over _slice_edges slices of the batch
+
+
+def _lax_conv(x: Array, k: Array, a: _ConvArgs) -> Array:
+    return jax.lax.conv_general_dilated(x, k, a.strides, a.padding, a.lhs_dilation, a.rhs_dilation,
+                                        _NHWC, a.groups, precision=a.precision)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def _sliced_conv(x: Array, k: Array, args: tuple[Any, ...]) -> Array:
-    """An NHWC conv whose kernel gradient is summed over slices of the batch (see above)."""
-    return _lax_conv(x, k, args)
+def _cpu_conv(x: Array, k: Array, a: _ConvArgs) -> Array:
+    """An NHWC conv in the CPU forms ``a`` names (see above); its input gradient is XLA's own."""
+    return _tap_sum(x, k, a.padding, a.rhs_dilation) if a.tap_sum else _lax_conv(x, k, a)
 
 
-def _sliced_conv_fwd(x: Array, k: Array, args: tuple[Any, ...]) -> tuple[Array, tuple[Array, Array]]:
-    return _lax_conv(x, k, args), (x, k)
+def _cpu_conv_fwd(x: Array, k: Array, a: _ConvArgs) -> tuple[Array, tuple[Array, Array]]:
+    return _cpu_conv(x, k, a), (x, k)
 
 
-def _sliced_conv_bwd(args: tuple[Any, ...], res: tuple[Array, Array], g: Array) -> tuple[Array, Array]:
+def _cpu_conv_bwd(a: _ConvArgs, res: tuple[Array, Array], g: Array) -> tuple[Array, Array]:
     x, k = res
     # XLA drops dx where nothing uses it (the first conv's input images)
-    dx = jax.vjp(lambda a: _lax_conv(a, k, args), x)[1](g)[0]
-    edges = _slice_edges(x.shape[0], (math.prod(x.shape[1:]) + math.prod(g.shape[1:])) * x.dtype.itemsize)
-    dk = functools.reduce(jnp.add, (jax.vjp(lambda w, a=a, b=b: _lax_conv(x[a:b], w, args), k)[1](g[a:b])[0]
-                                    for a, b in zip(edges, edges[1:])))
+    dx = jax.vjp(lambda v: _lax_conv(v, k, a), x)[1](g)[0]
+    n = x.shape[0]
+    edges = (_slice_edges(n, (math.prod(x.shape[1:]) + math.prod(g.shape[1:])) * x.dtype.itemsize)
+             if a.sliced else [0, n])
+    dk = functools.reduce(jnp.add, (jax.vjp(lambda w, s=s, e=e: _lax_conv(x[s:e], w, a), k)[1](g[s:e])[0]
+                                    for s, e in zip(edges, edges[1:])))
     return dx, dk
 
 
-_sliced_conv.defvjp(_sliced_conv_fwd, _sliced_conv_bwd)
+_cpu_conv.defvjp(_cpu_conv_fwd, _cpu_conv_bwd)
 
 
 # --------------------------------------------------------------------------- param layers

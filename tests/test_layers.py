@@ -48,7 +48,7 @@ def test_sliced_conv_equals_lax_conv_with_its_gradients(n, kernel, strides, padd
     kx, kk, kg = jax.random.split(jax.random.key(0), 3)
     x = jax.random.normal(kx, (n, 11, 10, 4))
     k = jax.random.normal(kk, (*kernel, 4 // groups, 6))
-    args = (strides, padding, (1, 1), dilation, groups)
+    args = layers._ConvArgs(strides, padding, (1, 1), dilation, groups, None, tap_sum=False, sliced=True)
 
     def lax_conv(x, k):
         return jax.lax.conv_general_dilated(x, k, strides, padding, rhs_dilation=dilation,
@@ -56,7 +56,7 @@ def test_sliced_conv_equals_lax_conv_with_its_gradients(n, kernel, strides, padd
                                             feature_group_count=groups)
 
     want, want_vjp = jax.vjp(lax_conv, x, k)
-    got, got_vjp = jax.vjp(lambda x, k: layers._sliced_conv(x, k, (*args, None)), x, k)
+    got, got_vjp = jax.vjp(lambda x, k: layers._cpu_conv(x, k, args), x, k)
     g = jax.random.normal(kg, want.shape)
     np.testing.assert_array_equal(got, want)  # the forward is XLA's own conv
     (dx, dk), (want_dx, want_dk) = got_vjp(g), want_vjp(g)
@@ -65,39 +65,58 @@ def test_sliced_conv_equals_lax_conv_with_its_gradients(n, kernel, strides, padd
 
 
 
-@pytest.mark.parametrize("kernel,padding,dilation", [((3, 3), ((1, 1), (1, 1)), (1, 1)),
-                                                      ((5, 3), ((0, 2), (1, 0)), (1, 1)),
-                                                      ((3, 3), ((2, 2), (2, 2)), (2, 2))])
-def test_im2col_conv_equals_lax_conv_with_its_gradients(kernel, padding, dilation):
+@pytest.mark.parametrize("channels,kernel,padding,dilation,sliced", [
+    (3, (3, 3), ((1, 1), (1, 1)), (1, 1), True),
+    (1, (5, 3), ((0, 2), (1, 0)), (1, 1), False),
+    (2, (3, 3), ((2, 2), (2, 2)), (2, 2), True),
+])
+def test_tap_sum_conv_equals_lax_conv_with_its_gradients(channels, kernel, padding, dilation, sliced,
+                                                         monkeypatch):
+    monkeypatch.setattr(layers, "SLICE_BYTES", 1)  # 5 images: 2 slices when sliced
     kx, kk, kg = jax.random.split(jax.random.key(0), 3)
-    x = jax.random.normal(kx, (5, 12, 9, 3))
-    k = jax.random.normal(kk, (*kernel, 3, 7))
+    x = jax.random.normal(kx, (5, 12, 9, channels))
+    k = jax.random.normal(kk, (*kernel, channels, 7))
+    args = layers._ConvArgs((1, 1), padding, (1, 1), dilation, 1, None, tap_sum=True, sliced=sliced)
 
     def lax_conv(x, k):
         return jax.lax.conv_general_dilated(x, k, (1, 1), padding, rhs_dilation=dilation,
                                             dimension_numbers=("NHWC", "HWIO", "NHWC"))
 
     want, want_vjp = jax.vjp(lax_conv, x, k)
-    got, got_vjp = jax.vjp(lambda x, k: layers._im2col_conv(x, k, padding, dilation, None), x, k)
+    got, got_vjp = jax.vjp(lambda x, k: layers._cpu_conv(x, k, args), x, k)
     assert got.shape == want.shape
-    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)  # summed in another order
     g = jax.random.normal(kg, want.shape)
-    for a, b in zip(got_vjp(g), want_vjp(g)):
-        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-4)
+    (dx, dk), (want_dx, want_dk) = got_vjp(g), want_vjp(g)
+    np.testing.assert_array_equal(dx, want_dx)  # XLA's own input gradient
+    np.testing.assert_allclose(dk, want_dk, rtol=1e-5, atol=1e-4)
 
 
-def test_only_stride_1_convs_of_rgb_images_take_im2col(monkeypatch):
+def _conv_forms(monkeypatch) -> list[tuple[tuple[int, ...], bool, bool]]:
+    """Record (kernel shape, tap_sum, sliced) of every ``_cpu_conv`` traced from now on."""
     calls = []
-    real = layers._im2col_conv
-    monkeypatch.setattr(layers, "_im2col_conv", lambda x, k, *a: calls.append(k.shape) or real(x, k, *a))
+    real = layers._cpu_conv
+    monkeypatch.setattr(layers, "_cpu_conv", lambda x, k, a: calls.append((k.shape, a.tap_sum, a.sliced))
+                        or real(x, k, a))
+    return calls
+
+
+def test_only_stride_1_convs_of_at_most_3_channels_take_the_tap_sum(monkeypatch):
+    calls = _conv_forms(monkeypatch)
+    flaxnets.create("lenet", seed=0)(jnp.zeros((4, 28, 28, 1)))  # 5x5 1->6, then 6->16
     for name in ("net", "resnet20"):  # 3->16 3x3 first convs; the rest take more channels
         flaxnets.create(name, seed=0)(jnp.zeros((2, 32, 32, 3)))
     flaxnets.create("densenet121_se", num_classes=2, seed=0).features.conv0(jnp.zeros((2, 32, 32, 3)))
-    assert calls == ([(3, 3, 3, 16)] * 2 if jax.default_backend() == "cpu" else [])  # not conv0: stride 2
+    taps = [shape for shape, tap_sum, _ in calls if tap_sum]
+    cpu = jax.default_backend() == "cpu"
+    assert taps == ([(5, 5, 1, 6), (3, 3, 3, 16), (3, 3, 3, 16)] if cpu else [])  # not conv0: stride 2
+    assert [(shape, sliced) for shape, tap_sum, sliced in calls if tap_sum] == (
+        [((5, 5, 1, 6), True), ((3, 3, 3, 16), False), ((3, 3, 3, 16), False)] if cpu else [])  # batch 2: whole
     calls.clear()
-    with layers.without("im2col_rgb_convs"):
+    with layers.without("tap_sum_convs"):
         flaxnets.create("net", seed=0)(jnp.zeros((2, 32, 32, 3)))
-    assert calls == []
+    assert calls == []  # and batch 2 is too small to slice
+
 
 def test_slices_fill_the_budget_within_their_limits():
     budget = layers.SLICE_BYTES
@@ -110,22 +129,21 @@ def test_slices_fill_the_budget_within_their_limits():
 
 
 def test_convs_with_spatial_kernels_take_the_sliced_gradient_on_the_cpu(monkeypatch):
-    calls = []
-    real = layers._sliced_conv
-    monkeypatch.setattr(layers, "_sliced_conv", lambda x, k, a: calls.append(k.shape) or real(x, k, a))
+    forms = _conv_forms(monkeypatch)
     model = flaxnets.create("resnet20", option="B", seed=0)  # 3x3 convs and 1x1 projections
     with unrolled_stacks():  # in a scan, the loop conv takes over (test below)
         model(jnp.zeros((4, 32, 32, 3)))
     kernels = [m.kernel.shape for _, m in nnx.iter_modules(model) if isinstance(m, nnx.Conv)]
     assert {k[:2] for k in kernels} == {(3, 3), (1, 1)}
-    spatial = sorted(k for k in kernels if k[:2] == (3, 3) and k[2] != 3)  # conv1 (RGB): im2col
-    assert sorted(calls) == (spatial if jax.default_backend() == "cpu" else [])
-    calls.clear()
+    spatial = sorted(k for k in kernels if k[:2] == (3, 3))  # conv1 (RGB) too, after its tap sum
+    assert sorted(shape for shape, _, sliced in forms if sliced) == (
+        spatial if jax.default_backend() == "cpu" else [])
+    forms.clear()
     with unrolled_stacks():
         model(jnp.zeros((3, 32, 32, 3)))  # fewer than two slices of MIN_SLICE images: not split
         with layers.without("sliced_kernel_grads"):
             model(jnp.zeros((4, 32, 32, 3)))
-    assert calls == []
+    assert [sliced for _, _, sliced in forms] == ([False, False] if jax.default_backend() == "cpu" else [])
 
 
 def _loss_and_state(model: nnx.Module, x: jax.Array, y: jax.Array, unrolled: bool):

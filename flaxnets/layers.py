@@ -182,10 +182,19 @@ def _loop_conv_bwd(padding: tuple[tuple[int, int], ...], res: tuple[Array, Array
     kt = jnp.transpose(jnp.flip(k, (0, 1)), (0, 1, 3, 2))
     dx = jax.lax.conv_general_dilated(g, kt, (1, 1), ((kh - 1 - pt, kh - 1 - pb), (kw - 1 - pl, kw - 1 - pr)),
                                       dimension_numbers=_NHWC)
-    # kernel gradient: one matrix product per tap, (ci, n·h·w) @ (n·h·w, co)
-    g2 = g.reshape(-1, co)
-    dk = jnp.stack([t.reshape(-1, ci).T @ g2 for t in _taps(x, (kh, kw), padding, (1, 1))])
-    return dx, dk.reshape(kh, kw, ci, co)
+    # kernel gradient: per slice of the batch (_slice_edges), the correlation of the padded input
+    # with the output gradient written as a plain NHWC conv (input channels as its batch, images
+    # as its features), which XLA:CPU runs well inside a loop body, unlike its own gradient form.
+    # Scans of four 3x3 convs on 128 images (gradients, interleaved): 16->16 on 32x32 236-307 ->
+    # 161-191 ms, 32->32 on 16x16 133-143 -> 123-142, 64->64 on 8x8 134-140 -> 111-121 against
+    # one matrix product per tap of the whole batch (the previous form); unsliced, 442, 280, 193.
+    xp = jnp.pad(x, ((0, 0), *padding, (0, 0)))
+    edges = _slice_edges(x.shape[0], (math.prod(x.shape[1:]) + math.prod(g.shape[1:])) * x.dtype.itemsize)
+    dk = functools.reduce(jnp.add, (
+        jax.lax.conv_general_dilated(jnp.transpose(xp[a:b], (3, 1, 2, 0)), jnp.transpose(g[a:b], (1, 2, 0, 3)),
+                                     (1, 1), "VALID", dimension_numbers=_NHWC)  # (ci, kh, kw, co)
+        for a, b in zip(edges, edges[1:])))
+    return dx, jnp.transpose(dk, (1, 2, 0, 3))
 
 
 _loop_conv.defvjp(_loop_conv_fwd, _loop_conv_bwd)

@@ -9,11 +9,13 @@ from flax import nnx
 from flaxnets.layers import BatchNorm2d, BlockStack, Sequential, conv2d, global_avg_pool, linear
 
 
-# Scan a stage's identical blocks from 2 on. Measured here (2-core CPU, JaxEngine train steps,
-# scanned vs unrolled engines interleaved in one process): resnet20 127 vs 120 img/s, resnet56
-# 50 vs 41; compile resnet20 8 vs 6 s, resnet110 16 vs 27 s (separate runs); resnet1202 compiles
-# in 108 s (unrolled: not within 16.5 min, 11.6 GB).
-SCAN_MIN_BLOCKS = 2
+# Scan a stage's identical blocks from 3 on. Measured here (2-core CPU, JaxEngine train steps,
+# scanned vs unrolled engines interleaved in one process, bench.py --without scanned_stages,
+# 2026-11-22, with the CPU conv forms of flaxnets.layers): resnet20 (2 identical blocks a stage)
+# 162 vs 184 img/s, compile 15.0 vs 13.8 s, so it unrolls; resnet32 (4) 119 vs 118 img/s,
+# compile 17.1 vs 23.4 s; resnet56 (8) 49 vs 48, 17.6 vs 33.2 s. Earlier: resnet110 compiles in
+# 16 vs 27 s; resnet1202 in 108 s (unrolled: not within 16.5 min, 11.6 GB).
+SCAN_MIN_BLOCKS = 3
 
 
 class ShortcutA(nnx.Module):

@@ -160,10 +160,11 @@ def _taps(x: Array, kernel: tuple[int, int], padding: tuple[tuple[int, int], ...
 def _loop_conv(x: Array, k: Array, padding: tuple[tuple[int, int], ...]) -> Array:
     """Stride-1 NHWC×HWIO convolution whose gradients are written out for XLA:CPU loop bodies.
 
-    XLA's CPU backend lowers both gradient convolutions of a loop body to naive loops: a scan
-    of four 3×3 16→16 convs on 128×32×32 took 10.2 s per gradient against 0.23 s unrolled, and
-    0.59 s with these gradients (measured here); with them the scanned ResNets train a little
-    faster than unrolled ones (resnet_cifar's SCAN_MIN_BLOCKS).
+    XLA's CPU backend lowers the gradient convolutions of a loop body to naive loops: a scan of
+    four 3×3 16→16 convs on 128×32×32 took 6.5 s for its gradients (1.9 s with the kernel
+    gradient sliced as outside loops), 0.16–0.19 s with these; unrolled, 0.17–0.24 s (measured
+    here, 2026-11-22). With them the scanned ResNets train as fast as unrolled ones from 4
+    identical blocks on (resnet_cifar's SCAN_MIN_BLOCKS).
     """
     return jax.lax.conv_general_dilated(x, k, (1, 1), padding, dimension_numbers=_NHWC)
 
@@ -175,21 +176,21 @@ def _loop_conv_fwd(x: Array, k: Array, padding: tuple[tuple[int, int], ...]) -> 
 def _loop_conv_bwd(padding: tuple[tuple[int, int], ...], res: tuple[Array, Array], g: Array
                    ) -> tuple[Array, Array]:
     x, k = res
-    kh, kw, ci, co = k.shape
+    kh, kw = k.shape[:2]
     (pt, pb), (pl, pr) = padding
     # input gradient: the full correlation of g with the flipped, in/out-swapped kernel, as a
     # plain NHWC/HWIO conv (JAX's own form swaps the kernel's dimension labels instead)
     kt = jnp.transpose(jnp.flip(k, (0, 1)), (0, 1, 3, 2))
     dx = jax.lax.conv_general_dilated(g, kt, (1, 1), ((kh - 1 - pt, kh - 1 - pb), (kw - 1 - pl, kw - 1 - pr)),
                                       dimension_numbers=_NHWC)
-    # kernel gradient: per slice of the batch (_slice_edges), the correlation of the padded input
+    # kernel gradient: per slice of the batch (_grad_slices), the correlation of the padded input
     # with the output gradient written as a plain NHWC conv (input channels as its batch, images
     # as its features), which XLA:CPU runs well inside a loop body, unlike its own gradient form.
     # Scans of four 3x3 convs on 128 images (gradients, interleaved): 16->16 on 32x32 236-307 ->
     # 161-191 ms, 32->32 on 16x16 133-143 -> 123-142, 64->64 on 8x8 134-140 -> 111-121 against
     # one matrix product per tap of the whole batch (the previous form); unsliced, 442, 280, 193.
     xp = jnp.pad(x, ((0, 0), *padding, (0, 0)))
-    edges = _slice_edges(x.shape[0], (math.prod(x.shape[1:]) + math.prod(g.shape[1:])) * x.dtype.itemsize)
+    edges = _grad_slices(x, g)
     dk = functools.reduce(jnp.add, (
         jax.lax.conv_general_dilated(jnp.transpose(xp[a:b], (3, 1, 2, 0)), jnp.transpose(g[a:b], (1, 2, 0, 3)),
                                      (1, 1), "VALID", dimension_numbers=_NHWC)  # (ci, kh, kw, co)
@@ -244,6 +245,11 @@ def _slice_edges(n: int, image_bytes: int) -> list[int]:
     return [n * i // slices for i in range(slices + 1)]
 
 
+def _grad_slices(x: Array, g: Array) -> list[int]:
+    """``_slice_edges`` for a conv's input ``x`` and output gradient ``g``."""
+    return _slice_edges(x.shape[0], (math.prod(x.shape[1:]) + math.prod(g.shape[1:])) * x.dtype.itemsize)
+
+
 class _ConvArgs(NamedTuple):
     """A ``_cpu_conv``'s static arguments: the conv's own, then which CPU forms it takes."""
 
@@ -276,9 +282,7 @@ def _cpu_conv_bwd(a: _ConvArgs, res: tuple[Array, Array], g: Array) -> tuple[Arr
     x, k = res
     # XLA drops dx where nothing uses it (the first conv's input images)
     dx = jax.vjp(lambda v: _lax_conv(v, k, a), x)[1](g)[0]
-    n = x.shape[0]
-    edges = (_slice_edges(n, (math.prod(x.shape[1:]) + math.prod(g.shape[1:])) * x.dtype.itemsize)
-             if a.sliced else [0, n])
+    edges = _grad_slices(x, g) if a.sliced else [0, x.shape[0]]
     dk = functools.reduce(jnp.add, (jax.vjp(lambda w, s=s, e=e: _lax_conv(x[s:e], w, a), k)[1](g[s:e])[0]
                                     for s, e in zip(edges, edges[1:])))
     return dx, dk

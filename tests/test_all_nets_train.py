@@ -90,10 +90,13 @@ def _train_in_child(name: str, ds: Dataset, tmp_path: Path) -> dict[str, Any]:
 
 
 # Every net, resnet1202 included: its stages are scanned (flaxnets.layers.BlockStack), so its
-# train step compiles in about 2 minutes here instead of not finishing in 16.5. It gets the same
-# 10 steps as the others: after only 2, its eval-mode loss is NaN (BatchNorm running statistics
-# of 2 batches through 600 blocks overflow; torch's twin does the same: eval logits std 3e16
-# after one update), which is the net at lr 0.1, not the port.
+# train step compiles in about 2 minutes here instead of not finishing in 16.5. Its eval-mode
+# losses are not checked: BatchNorm running statistics of a few batches through 600 blocks
+# overflow (torch's twin does the same: eval logits std 3e16 after one update), which is the
+# net at lr 0.1, not the port. After these 10 steps they measured 1.5e18 (seed 0) and 9.0e12
+# (seed 1) when this test last asserted them finite, and NaN once the first conv's tap sum
+# (flaxnets.layers) changed its rounding by ~1e-7: finite only by luck. Its train loss,
+# metrics and weights are checked as every other net's.
 @pytest.mark.parametrize("name", flaxnets.list_nets())
 def test_one_short_epoch_on_mock_data(name, mock_datasets, tmp_path):
     dataset = recipe_for(name).dataset
@@ -106,6 +109,8 @@ def test_one_short_epoch_on_mock_data(name, mock_datasets, tmp_path):
     (row,) = s["metrics"]
     assert row["epoch"] == 1 and s["steps"] == s["train_examples"] // BATCH >= 2
     losses = [row["train_loss"], row[f"{s['eval_split']}_loss"], s["test_loss"]]
+    if name == "resnet1202":  # eval mode overflows (see above)
+        losses = losses[:1]
     assert np.all(np.isfinite(losses)) and min(losses) > 0
     assert 0 <= row["train_acc"] <= 1 and 0 <= s["test_acc"] <= 1
     cm = np.asarray(s["confusion"])

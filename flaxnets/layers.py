@@ -130,7 +130,7 @@ def conv_general_dilated(lhs: Array, rhs: Array, window_strides: Sequence[int], 
     plain = strides == lhs_dil == (1, 1) and feature_group_count == 1  # stride 1, no input dilation
     if cpu_nhwc and _in_scan[-1]:
         if plain and rhs_dil == (1, 1):
-            return _loop_conv(lhs, rhs, pads)
+            return _loop_conv(lhs, rhs, pads, _on("sliced_kernel_grads"))
     elif cpu_nhwc:
         tap_sum = _on("tap_sum_convs") and plain and rhs.shape[2] <= TAP_SUM_MAX_CHANNELS
         sliced = (_on("sliced_kernel_grads") and rhs.shape[0] * rhs.shape[1] > 1
@@ -156,8 +156,8 @@ def _taps(x: Array, kernel: tuple[int, int], padding: tuple[tuple[int, int], ...
     return [xp[:, i * dh:i * dh + oh, j * dw:j * dw + ow, :] for i in range(kh) for j in range(kw)]
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def _loop_conv(x: Array, k: Array, padding: tuple[tuple[int, int], ...]) -> Array:
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _loop_conv(x: Array, k: Array, padding: tuple[tuple[int, int], ...], sliced: bool) -> Array:
     """Stride-1 NHWC×HWIO convolution whose gradients are written out for XLA:CPU loop bodies.
 
     XLA's CPU backend lowers the gradient convolutions of a loop body to naive loops: a scan of
@@ -169,11 +169,12 @@ def _loop_conv(x: Array, k: Array, padding: tuple[tuple[int, int], ...]) -> Arra
     return jax.lax.conv_general_dilated(x, k, (1, 1), padding, dimension_numbers=_NHWC)
 
 
-def _loop_conv_fwd(x: Array, k: Array, padding: tuple[tuple[int, int], ...]) -> tuple[Array, tuple[Array, Array]]:
-    return _loop_conv(x, k, padding), (x, k)
+def _loop_conv_fwd(x: Array, k: Array, padding: tuple[tuple[int, int], ...], sliced: bool
+                   ) -> tuple[Array, tuple[Array, Array]]:
+    return _loop_conv(x, k, padding, sliced), (x, k)
 
 
-def _loop_conv_bwd(padding: tuple[tuple[int, int], ...], res: tuple[Array, Array], g: Array
+def _loop_conv_bwd(padding: tuple[tuple[int, int], ...], sliced: bool, res: tuple[Array, Array], g: Array
                    ) -> tuple[Array, Array]:
     x, k = res
     kh, kw = k.shape[:2]
@@ -183,14 +184,15 @@ def _loop_conv_bwd(padding: tuple[tuple[int, int], ...], res: tuple[Array, Array
     kt = jnp.transpose(jnp.flip(k, (0, 1)), (0, 1, 3, 2))
     dx = jax.lax.conv_general_dilated(g, kt, (1, 1), ((kh - 1 - pt, kh - 1 - pb), (kw - 1 - pl, kw - 1 - pr)),
                                       dimension_numbers=_NHWC)
-    # kernel gradient: per slice of the batch (_grad_slices), the correlation of the padded input
+    # kernel gradient: per slice of the batch (_grad_slices, when ``sliced``: the sliced_kernel_grads
+    # speed-up), the correlation of the padded input
     # with the output gradient written as a plain NHWC conv (input channels as its batch, images
     # as its features), which XLA:CPU runs well inside a loop body, unlike its own gradient form.
     # Scans of four 3x3 convs on 128 images (gradients, interleaved): 16->16 on 32x32 236-307 ->
     # 161-191 ms, 32->32 on 16x16 133-143 -> 123-142, 64->64 on 8x8 134-140 -> 111-121 against
     # one matrix product per tap of the whole batch (the previous form); unsliced, 442, 280, 193.
     xp = jnp.pad(x, ((0, 0), *padding, (0, 0)))
-    edges = _grad_slices(x, g)
+    edges = _grad_slices(x, g) if sliced else [0, x.shape[0]]
     dk = functools.reduce(jnp.add, (
         jax.lax.conv_general_dilated(jnp.transpose(xp[a:b], (3, 1, 2, 0)), jnp.transpose(g[a:b], (1, 2, 0, 3)),
                                      (1, 1), "VALID", dimension_numbers=_NHWC)  # (ci, kh, kw, co)

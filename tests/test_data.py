@@ -308,10 +308,14 @@ def test_tensorflow_is_imported_only_when_tfds_data_is_read(tmp_path):
             "print(heavy()); "
             f"data.load_dataset('fashion_mnist', {str(tmp_path / 'fm')!r}); print(heavy()); "
             f"data.LOCAL_FASHION_MNIST = Path({str(tmp_path / 'fm')!r}); "
-            "print(data.load_dataset('fashion_mnist').source, heavy())")
+            "print(data.load_dataset('fashion_mnist', use_cache=False).source, heavy()); "
+            "(data._tfds_data_dir() / 'fashion_mnist').mkdir(parents=True); "
+            "print(data.load_dataset('fashion_mnist', use_cache=False).source, heavy())")
     env = dict(os.environ, FLAXNETS_CACHE=str(tmp_path / "cache"), TFDS_DATA_DIR=str(tmp_path / "tfds"))
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
                          timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
-    # the real prepared-check (an empty TFDS_DATA_DIR) imports tfds but not TensorFlow
-    assert out.stdout.split("\n")[:3] == ["[]", "[]", f"{tmp_path / 'fm'} ['tensorflow_datasets']"]
+    # No <TFDS_DATA_DIR>/fashion_mnist: tfds is not even imported. With one (unprepared), the real
+    # prepared-check imports tfds but not TensorFlow, and the local copy is still used.
+    fm = tmp_path / "fm"
+    assert out.stdout.split("\n")[:4] == ["[]", "[]", f"{fm} []", f"{fm} ['tensorflow_datasets']"]

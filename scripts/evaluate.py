@@ -34,6 +34,9 @@ def main(argv: list[str] | None = None) -> int:
 
     from flaxnets import metrics, plots
     from flaxnets.checkpoint import CheckpointError
+    from flaxnets.compile_cache import enable_compile_cache
+
+    enable_compile_cache()
     from flaxnets.evaluate import evaluate
     from parity.convert import StateDictMismatchError
 

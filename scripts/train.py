@@ -151,6 +151,9 @@ def resolve(args: argparse.Namespace) -> tuple[dict[str, Any], Path]:
 def run(argv: list[str] | None) -> int:
     args = parse_args(argv)
     settings, run_dir = resolve(args)
+    from flaxnets.compile_cache import ENV, enable_compile_cache
+
+    compile_cache = enable_compile_cache()  # before anything compiles
     name, backend, seed = settings["net"], settings["backend"], settings["seed"]
     primary = True  # the process that writes the run directory
     if args.distributed:
@@ -214,7 +217,8 @@ def run(argv: list[str] | None) -> int:
     config = {"net": name, "backend": backend, "seed": seed, "data_dir": settings["data_dir"],
               "data_source": data.source, "recipe": dataclasses.asdict(recipe),
               "overrides": settings["overrides"], "command": [sys.executable, *sys.argv],
-              "versions": versions(), "started": datetime.now().isoformat(timespec="seconds")}
+              "versions": versions(), "started": datetime.now().isoformat(timespec="seconds"),
+              "compile_cache": str(compile_cache) if compile_cache else None}
     if primary:
         write_json(run_dir / "config.json", config)  # first: a resume needs it even after a crash
     if args.resume:
@@ -254,6 +258,7 @@ def run(argv: list[str] | None) -> int:
              if result.eval_split == "val" else "")
     print(f"final test accuracy {result.test_acc:.4f}, loss {result.test_loss:.4f}{extra}; "
           f"compile {result.compile_seconds:.1f} s, wall {wall:.1f} s")
+    print(f"compilation cache: {compile_cache or 'off'} ({ENV}=off or a directory to change it)")
     print(f"run written to {run_dir}: config.json, metrics.csv, per_class.csv, model.pt, "
           f"model.safetensors, checkpoints/")
     print(f"pictures: {run_dir / 'curves.png'}  {run_dir / 'confusion_matrix.png'}  "

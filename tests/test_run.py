@@ -143,6 +143,41 @@ def test_kill_during_checkpoint_write_then_resume_is_bit_exact(full_run, idx_dir
     assert resumed["test_acc"] == full["test_acc"] and resumed["resumed_from_epoch"] == 1
 
 
+def test_a_second_run_loads_every_executable_from_the_compile_cache(idx_dir, tmp_path):
+    """Two runs sharing FLAXNETS_COMPILE_CACHE: the second compiles nothing, with equal metrics;
+    ``off`` asks no cache at all."""
+    count = ("import atexit, collections, jax\n"
+             "seen = collections.Counter()\n"
+             "jax.monitoring.register_event_listener(lambda event, **kw: seen.update([event]))\n"
+             "atexit.register(lambda: print('cache', seen['/jax/compilation_cache/cache_hits'], "
+             "seen['/jax/compilation_cache/cache_misses']))\n")
+    cache = tmp_path / "xla"
+    got = {}
+    for name, setting in (("cold", cache), ("warm", cache), ("off", "off")):
+        out = tmp_path / name
+        p = run_script(count, base_args(idx_dir, out, "jax", epochs=1),
+                       {"FLAXNETS_COMPILE_CACHE": str(setting)})
+        assert p.returncode == 0, p.stderr[-2000:]
+        hits, misses = (int(v) for v in p.stdout.rsplit("cache ", 1)[1].split())
+        got[name] = hits, misses, rows(out), json.loads((out / "config.json").read_text())
+    assert got["cold"][0] == 0 and got["cold"][1] > 0  # model creation alone compiles many
+    assert got["warm"][:2] == (got["cold"][1], 0)
+    assert got["off"][:2] == (0, 0)
+    assert got["cold"][2] == got["warm"][2] == got["off"][2]  # the same numbers, loaded or compiled
+    assert [got[n][3]["compile_cache"] for n in got] == [str(cache), str(cache), None]
+    assert len(list(cache.glob("*-cache"))) == got["cold"][1]
+
+
+def test_an_unwritable_compile_cache_is_one_warning_and_no_cache(tmp_path, monkeypatch, capsys):
+    from flaxnets.compile_cache import enable_compile_cache
+
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    monkeypatch.setenv("FLAXNETS_COMPILE_CACHE", str(blocker / "xla"))
+    assert enable_compile_cache() is None
+    assert f"warning: no compilation cache, {blocker / 'xla'} is not writable" in capsys.readouterr().err
+
+
 def test_ctrl_c_then_resume_is_bit_exact(full_run, idx_dir, tmp_path):
     """A real SIGINT during epoch 2: exit 130 with the resume command; resuming matches."""
     backend, full = full_run

@@ -13,7 +13,6 @@ formats atomically and never over an existing file unless told to. ``convert_fil
 from __future__ import annotations
 
 import hashlib
-import io
 import os
 import pickle
 import re
@@ -32,6 +31,7 @@ import flaxnets
 from flaxnets import checkpoint
 from flaxnets.introspect import count_params
 from parity.convert import _as_numpy, load_state_dict, normalize_keys, to_numpy_state_dict
+from parity.torchfile import torch_save_bytes
 
 TORCH_SUFFIXES = (".pt", ".pth", ".th", ".bin")
 SAFETENSORS_SUFFIX = ".safetensors"
@@ -312,16 +312,13 @@ def read_flax_model(path: str | os.PathLike, net: str, num_classes: int | None =
 
 # --------------------------------------------------------------------------- writing
 def _serialize(fmt: str, state_dict: Mapping[str, np.ndarray], metadata: dict[str, str]) -> bytes:
-    """The bytes of a torch pickle (a bare state_dict) or of a safetensors file."""
+    """The bytes of a torch file (a bare state_dict, written without importing torch) or of a
+    safetensors file."""
     if fmt == "safetensors":
         from safetensors.numpy import save
 
         return save(dict(state_dict), metadata=metadata)
-    import torch
-
-    buf = io.BytesIO()
-    torch.save(OrderedDict((k, torch.from_numpy(v)) for k, v in state_dict.items()), buf)
-    return buf.getvalue()
+    return torch_save_bytes(state_dict)
 
 
 def write_weights(path: str | os.PathLike, net: str, weights: nnx.Module | Mapping[str, Any],

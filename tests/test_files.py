@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import io
 import os
 import pickle
 import re
+import subprocess
+import sys
 import zipfile
 from collections import OrderedDict
 from pathlib import Path
@@ -406,3 +409,44 @@ def test_unreadable_inputs_are_one_line_errors(sd20, tmp_path, capsys):
     ]
     for argv, needle in cases:
         assert_one_line_error(*convert(capsys, *argv), needle)
+
+
+def test_torch_files_are_written_without_torch_and_torch_reads_them(tmp_path):
+    """parity.torchfile: every dtype, 0-d and empty tensors, a non-contiguous array; the records
+    torch.save writes, storages aligned for mmap; equal weights give equal bytes."""
+    from parity.torchfile import ALIGN, torch_save_bytes
+
+    rng = np.random.default_rng(0)
+    sd = OrderedDict(
+        w=rng.normal(size=(3, 4, 5, 6)).astype(np.float32), t=rng.normal(size=(4, 5)).astype(np.float32).T,
+        n=np.array(7, np.int64), e=np.zeros((0, 3), np.float32), b=np.array([True, False]),
+        h=np.ones(3, np.float16), d=rng.normal(size=2), i=np.arange(3, dtype=np.int32),
+        s=np.arange(-2, 2, dtype=np.int16), c=np.arange(-2, 2, dtype=np.int8), u=np.arange(3, dtype=np.uint8))
+    data = torch_save_bytes(sd)
+    assert data == torch_save_bytes(OrderedDict((k, v.copy()) for k, v in sd.items()))
+    (tmp_path / "m.pt").write_bytes(data)
+    for mmap in (False, True):
+        back = torch.load(tmp_path / "m.pt", weights_only=True, mmap=mmap)
+        assert type(back) is OrderedDict and list(back) == list(sd)
+        for k, v in sd.items():
+            assert back[k].numpy().dtype == v.dtype and tuple(back[k].shape) == v.shape, k
+            np.testing.assert_array_equal(back[k].numpy(), v)
+    ref = io.BytesIO()
+    torch.save(OrderedDict((k, torch.from_numpy(np.array(v, order="C"))) for k, v in sd.items()), ref)
+    ours = zipfile.ZipFile(io.BytesIO(data))
+    assert ours.namelist() == zipfile.ZipFile(ref).namelist()
+    for info in ours.infolist():
+        assert (info.header_offset + 30 + len(info.filename) + len(info.extra)) % ALIGN == 0
+    with pytest.raises(TypeError, match="x: no torch storage for dtype complex64"):
+        torch_save_bytes({"x": np.zeros(2, np.complex64)})
+    code = ("import sys, numpy as np; from parity.files import write_weights; "
+            f"write_weights({str(tmp_path / 'lenet.pt')!r}, 'lenet', "
+            "{k: np.zeros(s, np.float32) for k, s in [('conv.0.weight', (6, 1, 5, 5)), "
+            "('conv.0.bias', (6,)), ('conv.3.weight', (16, 6, 5, 5)), ('conv.3.bias', (16,)), "
+            "('fc.0.weight', (120, 256)), ('fc.0.bias', (120,)), ('fc.2.weight', (84, 120)), "
+            "('fc.2.bias', (84,)), ('fc.4.weight', (10, 84)), ('fc.4.bias', (10,))]}); "
+            "print('torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                         cwd=Path(__file__).resolve().parents[1])
+    assert out.returncode == 0 and out.stdout.strip() == "False", out.stderr[-2000:]
+    torch_ref.create("lenet").load_state_dict(torch.load(tmp_path / "lenet.pt", weights_only=True), strict=True)

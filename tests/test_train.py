@@ -65,6 +65,23 @@ def test_recipes_follow_the_issue_table():
         recipe_for("nope")
 
 
+def test_per_net_cpu_compile_options_reach_the_compiled_steps(lenet_run):
+    """lenet's steps compile without YNN library fusions (CPU_COMPILE_OPTIONS); the switch
+    ``without('cpu_compile_options')`` and the other nets keep XLA's defaults."""
+    from flaxnets import layers
+    from flaxnets.train import CPU_COMPILE_OPTIONS, compile_options, make_engine, make_splits
+
+    assert compile_options("lenet") == CPU_COMPILE_OPTIONS["lenet"] and compile_options("net") == {}
+    engine = lenet_run.engine
+    assert "__ynn_fusion" not in engine.train_fn.as_text()
+    assert all("__ynn_fusion" not in f.as_text() for f in engine.eval_fns.values())
+    with layers.without("cpu_compile_options"):
+        assert compile_options("lenet") == {}
+        default = make_engine("jax", "lenet", make_splits(synthetic(n_train=64, n_test=32), LENET_RECIPE, 0),
+                              4, LENET_RECIPE, 0)
+    assert "__ynn_fusion" in default.train_fn.as_text()  # what the option takes away
+
+
 def test_lenet_learns(lenet_run):
     m = lenet_run.metrics
     assert [row["epoch"] for row in m] == [1, 2]

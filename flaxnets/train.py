@@ -178,9 +178,10 @@ class Splits:
 # (2-core x86, jax 0.10.2, the same step compiled both ways and timed in one process,
 # 2026-11-22). Without YNN library fusions (dots and reductions then go to XLA's own emitters),
 # lenet: 1.15x median over 40 alternating rounds of 8 steps (IQR 1.08-1.19x, faster in 98% of
-# rounds); single interleaved runs said 0.95-1.20x, this machine drifts. dilated 0.97x, net
-# 0.99x, net_width 0.92x, resnet20 0.95x: only lenet takes it. (On lenet, on top of it: oneDNN
-# 1.02x, no XNNPACK 1.00x, the concurrency-optimised scheduler 1.00x: not taken.)
+# rounds; single interleaved runs said 0.95-1.20x, this machine drifts). The same for the others
+# (24 rounds): dilated 0.94x, net 0.99x, net_width 0.92x, net_dropout 0.97x, net_batchnorm
+# 0.54x; resnet20 0.95x (one run): only lenet takes it. (On lenet, on top of it: oneDNN 1.02x,
+# no XNNPACK 1.00x, the concurrency-optimised scheduler 1.00x: not taken.)
 CPU_COMPILE_OPTIONS: dict[str, dict[str, Any]] = {
     "lenet": {"xla_cpu_experimental_ynn_fusion_type": ""},
 }

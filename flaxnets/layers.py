@@ -496,6 +496,54 @@ def _tiles(x: Array, k: int) -> Array:
     return jnp.transpose(x, (0, 1, 3, 5, 2, 4)).reshape(n, h // k, w // k, c, k * k)
 
 
+def _windows(x: Array, k: int) -> Array:
+    """(N, H, W, C) -> (N, H//k, k, W//k, k, C): a reshape of NHWC, no transpose (floor mode)."""
+    n, h, w, c = x.shape
+    return x[:, : h // k * k, : w // k * k].reshape(n, h // k, k, w // k, k, c)
+
+
+def _max_and_first(x: Array, k: int) -> tuple[Array, Array]:
+    """Each k×k window's maximum, and the row-major index of its first maximum (torch's pick)."""
+    v = _windows(x, k)
+    taps = [v[:, :, a, :, b] for a in range(k) for b in range(k)]
+    y = functools.reduce(jnp.maximum, taps)
+    first = jnp.full(y.shape, k * k - 1, jnp.int8)
+    for e in reversed(range(k * k - 1)):
+        first = jnp.where(taps[e] == y, jnp.int8(e), first)
+    return y, first
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def _tiled_max(x: Array, k: int) -> Array:
+    """Max over non-overlapping k×k windows; the gradient goes to each window's first maximum.
+
+    A hand-written gradient: the forward keeps only the maximum (and, for the backward, which
+    tap was first), the backward is one elementwise select written straight into NHWC. Against
+    the autodiff of a one-hot arg-max product (paired A/B, 24-30 alternating rounds of 8 steps,
+    2026-11-22): net 1.11x, net_dropout 1.18x, net_batchnorm 1.08x; lenet 0.96-0.98x (its pools
+    alone, or pool2 alone, the same; int32 indices no better), within this machine's noise for
+    a null change (dilated, whose pools are averages: 0.97x).
+    """
+    return _max_and_first(x, k)[0]
+
+
+def _tiled_max_fwd(x: Array, k: int) -> tuple[Array, tuple[Array, Array]]:
+    y, first = _max_and_first(x, k)
+    return y, (first, jnp.zeros(x.shape[1:3] + (0,)))  # H, W in a shape: a residual of no bytes
+
+
+def _tiled_max_bwd(k: int, res: tuple[Array, Array], g: Array) -> tuple[Array]:
+    first, hw = res
+    (n, _, _, c), (h, w, _) = first.shape, hw.shape
+    pos = (jnp.arange(k)[:, None, None] * k + jnp.arange(k)[None, None, :]).astype(jnp.int8)
+    hit = first[:, :, None, :, None, :] == pos[:, :, :, None]  # (N, H/k, k, W/k, k, C)
+    d = jnp.where(hit, g[:, :, None, :, None, :], 0).reshape(n, h // k * k, w // k * k, c)
+    return (jnp.pad(d, ((0, 0), (0, h % k), (0, w % k), (0, 0))),)  # floor mode: the cut-off rows
+
+
+_tiled_max.defvjp(_tiled_max_fwd, _tiled_max_bwd)
+
+
 def _tiled(kernel_size: int, stride: int, padding: int) -> bool:
     """Whether a pool runs as a reshape on this backend (see ``pool2d``)."""
     return jax.default_backend() == "cpu" and _on("tiled_pools") and kernel_size == stride and padding == 0
@@ -511,11 +559,9 @@ def pool2d(x: Array, kind: str, kernel_size: int, stride: int | None = None, pad
     """
     stride = stride or kernel_size
     if _tiled(kernel_size, stride, padding):
-        t = _tiles(x, kernel_size)
         if kind == "avg":
-            return jnp.mean(t, axis=-1)
-        first = jax.nn.one_hot(jnp.argmax(t, axis=-1), t.shape[-1], dtype=t.dtype)
-        return jnp.sum(t * jax.lax.stop_gradient(first), axis=-1)
+            return jnp.mean(_tiles(x, kernel_size), axis=-1)
+        return _tiled_max(x, kernel_size)
     window, strides, pad = (kernel_size,) * 2, (stride,) * 2, ((padding, padding),) * 2
     if kind == "avg":
         return avg_pool(x, window, strides, pad)

@@ -416,10 +416,12 @@ def torchvision_fashion_root(src: Path, root: Path) -> Path:
     return root
 
 
-def _timed_run(cmd: list[str], timeout: float) -> tuple[float, subprocess.CompletedProcess | None, str]:
+def _timed_run(cmd: list[str], timeout: float, env: dict[str, str] | None = None
+               ) -> tuple[float, subprocess.CompletedProcess | None, str]:
     t0 = time.perf_counter()
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT,
+                              env=None if env is None else dict(os.environ, **env))
     except subprocess.TimeoutExpired:
         return time.perf_counter() - t0, None, f"timeout after {timeout:.0f} s"
     status = "ok" if proc.returncode == 0 else f"failed (exit {proc.returncode}): {proc.stderr[-300:]}"
@@ -429,21 +431,27 @@ def _timed_run(cmd: list[str], timeout: float) -> tuple[float, subprocess.Comple
 def end_to_end(workdir: Path, data_src: Path, timeout: float = 900.0,
                log: Callable[[str], None] = lambda s: None) -> dict[str, Any]:
     """Wall time and test accuracy of LeNet's 5-epoch recipe: scripts/train.py with each backend
-    (start-up, data, compilation, run files included), and the material's own PyTorch loop."""
+    (start-up, data, compilation, run files included), and the material's own PyTorch loop.
+
+    JAX runs twice on a compilation cache of its own: first empty (a machine's first run), then
+    filled by that first run (every later run).
+    """
     runs: dict[str, dict[str, Any]] = {}
-    for backend in ("jax", "torch"):
-        out = workdir / f"lenet-{backend}"
+    cache = {"FLAXNETS_COMPILE_CACHE": str(workdir / "xla-cache")}
+    for key, backend, label in (("jax", "jax", "scripts/train.py --backend jax, first run"),
+                                ("jax_warm", "jax", "scripts/train.py --backend jax, compilation cached"),
+                                ("torch", "torch", "scripts/train.py --backend torch")):
+        out = workdir / f"lenet-{key}"
         cmd = [sys.executable, str(ROOT / "scripts" / "train.py"), "--net", "lenet",
                "--backend", backend, "--out", str(out)]
-        wall, _, status = _timed_run(cmd, timeout)
-        run = {"label": f"scripts/train.py --backend {backend}", "command": cmd[1:], "status": status,
-               "wall_seconds": wall}
+        wall, _, status = _timed_run(cmd, timeout, cache)
+        run = {"label": label, "command": cmd[1:], "status": status, "wall_seconds": wall}
         if status == "ok":
             cfg = json.loads((out / "config.json").read_text())
             run.update(test_acc=cfg["test_acc"], compile_seconds=cfg["compile_seconds"],
                        own_wall_seconds=cfg["wall_seconds"])  # train.py's clock: after the imports
-        runs[backend] = run
-        log(f"  e2e {backend}: {status}, {wall:.1f} s, acc {run.get('test_acc')}")
+        runs[key] = run
+        log(f"  e2e {key}: {status}, {wall:.1f} s, acc {run.get('test_acc')}")
     root = torchvision_fashion_root(data_src, workdir / "torchvision-data")  # outside the timing
     script = workdir / "material_lenet.py"
     script.write_text(MATERIAL_LENET)
@@ -547,7 +555,7 @@ def format_ablation(report: dict[str, Any]) -> str:
 
 def format_e2e(e2e: dict[str, dict[str, Any]]) -> str:
     """The end-to-end LeNet table and whether JAX meets the issue's goal against the material."""
-    mat, jax_run = e2e["material"], e2e["jax"]
+    mat = e2e["material"]
     base = mat["wall_seconds"] if mat["status"] == "ok" else None
     lines = ["| LeNet, 5 epochs, end to end | wall s | test acc | speed-up vs material |",
              "|---|---:|---:|---:|"]
@@ -556,11 +564,14 @@ def format_e2e(e2e: dict[str, dict[str, Any]]) -> str:
         speed = _num(base / run["wall_seconds"], ".2f") + "×" if ok and base else "—"
         acc = _num(run.get("test_acc"), ".4f") if ok else run["status"][:60]
         lines.append(f"| {run['label']} | {run['wall_seconds']:.1f} | {acc} | {speed} |")
-    if base and jax_run["status"] == "ok":
-        speed, acc_ok = base / jax_run["wall_seconds"], jax_run["test_acc"] >= mat["test_acc"]
-        met = "met" if speed >= 2 and acc_ok else "not met"
-        lines += ["", f"Goal (≥ 2× faster than the material at equal or better accuracy): {met} — "
-                  f"{speed:.2f}×, accuracy {jax_run['test_acc']:.4f} vs {mat['test_acc']:.4f}."]
+    for key, when in (("jax", "first run"), ("jax_warm", "compilation cached")):
+        jax_run = e2e.get(key)
+        if base and jax_run and jax_run["status"] == "ok":
+            speed, acc_ok = base / jax_run["wall_seconds"], jax_run["test_acc"] >= mat["test_acc"]
+            met = "met" if speed >= 2 and acc_ok else "not met"
+            lines += ["", f"Goal (≥ 2× faster than the material at equal or better accuracy), "
+                      f"{when}: {met} — {speed:.2f}×, accuracy {jax_run['test_acc']:.4f} vs "
+                      f"{mat['test_acc']:.4f}."]
     return "\n".join(lines)
 
 

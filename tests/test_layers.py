@@ -51,7 +51,8 @@ def test_sliced_conv_equals_lax_conv_with_its_gradients(n, kernel, strides, padd
     kx, kk, kg = jax.random.split(jax.random.key(0), 3)
     x = jax.random.normal(kx, (n, 11, 10, 4))
     k = jax.random.normal(kk, (*kernel, 4 // groups, 6))
-    args = layers._ConvArgs(strides, padding, (1, 1), dilation, groups, None, tap_sum=False, sliced=True)
+    args = layers._ConvArgs(strides, padding, (1, 1), dilation, groups, None, tap_sum=False, sliced=True,
+                            col2im=False)
 
     def lax_conv(x, k):
         return jax.lax.conv_general_dilated(x, k, strides, padding, rhs_dilation=dilation,
@@ -79,7 +80,8 @@ def test_tap_sum_conv_equals_lax_conv_with_its_gradients(channels, kernel, paddi
     kx, kk, kg = jax.random.split(jax.random.key(0), 3)
     x = jax.random.normal(kx, (5, 12, 9, channels))
     k = jax.random.normal(kk, (*kernel, channels, 7))
-    args = layers._ConvArgs((1, 1), padding, (1, 1), dilation, 1, None, tap_sum=True, sliced=sliced)
+    args = layers._ConvArgs((1, 1), padding, (1, 1), dilation, 1, None, tap_sum=True, sliced=sliced,
+                            col2im=False)
 
     def lax_conv(x, k):
         return jax.lax.conv_general_dilated(x, k, (1, 1), padding, rhs_dilation=dilation,
@@ -95,12 +97,12 @@ def test_tap_sum_conv_equals_lax_conv_with_its_gradients(channels, kernel, paddi
     np.testing.assert_allclose(dk, want_dk, rtol=1e-5, atol=1e-4)
 
 
-def _conv_forms(monkeypatch) -> list[tuple[tuple[int, ...], bool, bool]]:
-    """Record (kernel shape, tap_sum, sliced) of every ``_cpu_conv`` traced from now on."""
+def _conv_forms(monkeypatch) -> list[tuple[tuple[int, ...], bool, bool, bool]]:
+    """Record (kernel shape, tap_sum, sliced, col2im) of every ``_cpu_conv`` traced from now on."""
     calls = []
     real = layers._cpu_conv
-    monkeypatch.setattr(layers, "_cpu_conv", lambda x, k, a: calls.append((k.shape, a.tap_sum, a.sliced))
-                        or real(x, k, a))
+    monkeypatch.setattr(layers, "_cpu_conv", lambda x, k, a: calls.append(
+        (k.shape, a.tap_sum, a.sliced, a.col2im)) or real(x, k, a))
     return calls
 
 
@@ -112,12 +114,51 @@ def test_only_stride_1_convs_of_at_most_3_channels_take_the_tap_sum(monkeypatch)
     flaxnets.create("densenet121_se", num_classes=2, seed=0).features.conv0(jnp.zeros((2, 32, 32, 3)))
     cpu = jax.default_backend() == "cpu"
     # not DenseNet's conv0 (stride 2); net's and resnet20's batch of 2 is too small to slice
-    assert [(shape, sliced) for shape, tap_sum, sliced in calls if tap_sum] == (
+    assert [(shape, sliced) for shape, tap_sum, sliced, _ in calls if tap_sum] == (
         [((5, 5, 1, 6), True), ((3, 3, 3, 16), False), ((3, 3, 3, 16), False)] if cpu else [])
     calls.clear()
-    with layers.without("tap_sum_convs"):
+    with layers.without("tap_sum_convs", "col2im_input_grads"):
         flaxnets.create("net", seed=0)(jnp.zeros((2, 32, 32, 3)))
     assert calls == []  # and batch 2 is too small to slice
+
+
+def test_only_convs_of_at_most_8_input_channels_take_the_col2im_input_gradient(monkeypatch):
+    calls = _conv_forms(monkeypatch)
+    flaxnets.create("lenet", seed=0)(jnp.zeros((4, 28, 28, 1)))  # 1->6 (an image: unused), 6->16
+    flaxnets.create("net", seed=0)(jnp.zeros((4, 32, 32, 3)))  # 3->16, then 16->8
+    cpu = jax.default_backend() == "cpu"
+    assert [(shape, col2im) for shape, _, _, col2im in calls] == (
+        [((5, 5, 1, 6), True), ((5, 5, 6, 16), True), ((3, 3, 3, 16), True), ((3, 3, 16, 8), False)]
+        if cpu else [])
+    calls.clear()
+    with layers.without("col2im_input_grads"):
+        flaxnets.create("lenet", seed=0)(jnp.zeros((4, 28, 28, 1)))
+    assert [col2im for *_, col2im in calls] == ([False, False] if cpu else [])
+
+
+@pytest.mark.parametrize("shape,kernel,padding,dilation", [
+    ((5, 12, 12, 6), (5, 5, 6, 16), ((0, 0), (0, 0)), (1, 1)),  # LeNet's conv2
+    ((3, 10, 9, 4), (3, 3, 4, 8), ((1, 2), (2, 0)), (1, 1)),
+    ((2, 11, 11, 5), (3, 2, 5, 3), ((1, 1), (0, 3)), (2, 3)),
+])
+def test_col2im_input_gradient_equals_xlas(shape, kernel, padding, dilation):
+    kx, kk, kg = jax.random.split(jax.random.key(0), 3)
+    x, k = jax.random.normal(kx, shape), jax.random.normal(kk, kernel)
+    args = layers._ConvArgs((1, 1), padding, (1, 1), dilation, 1, None, tap_sum=False, sliced=False,
+                            col2im=True)
+
+    def lax_conv(x, k):
+        return jax.lax.conv_general_dilated(x, k, (1, 1), padding, rhs_dilation=dilation,
+                                            dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+    want, want_vjp = jax.vjp(lax_conv, x, k)
+    got, got_vjp = jax.vjp(lambda x, k: layers._cpu_conv(x, k, args), x, k)
+    np.testing.assert_array_equal(got, want)  # the forward is XLA's own conv
+    g = jax.random.normal(kg, want.shape)
+    (dx, dk), (want_dx, want_dk) = got_vjp(g), want_vjp(g)
+    assert dx.shape == x.shape
+    np.testing.assert_allclose(dx, want_dx, rtol=1e-5, atol=1e-4)  # summed in another order
+    np.testing.assert_array_equal(dk, want_dk)
 
 
 def test_slices_fill_the_budget_within_their_limits():
@@ -138,14 +179,14 @@ def test_convs_with_spatial_kernels_take_the_sliced_gradient_on_the_cpu(monkeypa
     kernels = [m.kernel.shape for _, m in nnx.iter_modules(model) if isinstance(m, nnx.Conv)]
     assert {k[:2] for k in kernels} == {(3, 3), (1, 1)}
     spatial = sorted(k for k in kernels if k[:2] == (3, 3))  # conv1 (RGB) too, after its tap sum
-    assert sorted(shape for shape, _, sliced in forms if sliced) == (
+    assert sorted(shape for shape, _, sliced, _ in forms if sliced) == (
         spatial if jax.default_backend() == "cpu" else [])
     forms.clear()
     with unrolled_stacks():
         model(jnp.zeros((3, 32, 32, 3)))  # fewer than two slices of MIN_SLICE images: not split
         with layers.without("sliced_kernel_grads"):
             model(jnp.zeros((4, 32, 32, 3)))
-    assert [sliced for _, _, sliced in forms] == ([False, False] if jax.default_backend() == "cpu" else [])
+    assert [sliced for _, _, sliced, _ in forms] == ([False, False] if jax.default_backend() == "cpu" else [])
 
 
 def _loss_and_state(model: nnx.Module, x: jax.Array, y: jax.Array, unrolled: bool):

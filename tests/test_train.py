@@ -92,6 +92,9 @@ def test_lenet_learns(lenet_run):
     cm = lenet_run.confusion
     assert cm.shape == (4, 4) and cm.sum() == 200  # every test example, incl. the padded tail
     assert np.trace(cm) / cm.sum() == pytest.approx(lenet_run.test_acc)
+    # exactly correct / count, as the torch engine and the material report it (not a float32 ratio)
+    assert [row["test_acc"] for row in m] == [round(row["test_acc"] * 200) / 200 for row in m]
+    assert lenet_run.test_acc == np.trace(cm) / 200
 
 
 def test_same_seed_same_metrics(lenet_run):

@@ -539,10 +539,14 @@ def _max_and_first(x: Array, k: int) -> tuple[Array, Array]:
     v = _windows(x, k)
     taps = [v[:, :, a, :, b] for a in range(k) for b in range(k)]
     y = functools.reduce(jnp.maximum, taps)
-    first = jnp.full(y.shape, k * k - 1, jnp.int8)
+    first = jnp.full(y.shape, k * k - 1, _tap_index_dtype(k))
     for e in reversed(range(k * k - 1)):
-        first = jnp.where(taps[e] == y, jnp.int8(e), first)
+        first = jnp.where(taps[e] == y, e, first)
     return y, first
+
+
+def _tap_index_dtype(k: int) -> Any:
+    return jnp.int8 if k * k <= 127 else jnp.int32  # a quarter of the bytes for the usual 2×2
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
@@ -567,7 +571,7 @@ def _tiled_max_fwd(x: Array, k: int) -> tuple[Array, tuple[Array, Array]]:
 def _tiled_max_bwd(k: int, res: tuple[Array, Array], g: Array) -> tuple[Array]:
     first, hw = res
     (n, _, _, c), (h, w, _) = first.shape, hw.shape
-    pos = (jnp.arange(k)[:, None, None] * k + jnp.arange(k)[None, None, :]).astype(jnp.int8)
+    pos = (jnp.arange(k)[:, None, None] * k + jnp.arange(k)[None, None, :]).astype(first.dtype)
     hit = first[:, :, None, :, None, :] == pos[:, :, :, None]  # (N, H/k, k, W/k, k, C)
     d = jnp.where(hit, g[:, :, None, :, None, :], 0).reshape(n, h // k * k, w // k * k, c)
     return (jnp.pad(d, ((0, 0), (0, h % k), (0, w % k), (0, 0))),)  # floor mode: the cut-off rows

@@ -37,6 +37,20 @@ def test_loop_conv_equals_lax_conv_with_its_gradients(n, padding, sliced, monkey
 
 
 
+def _against_lax(x: jax.Array, k: jax.Array, args: layers._ConvArgs, key: jax.Array):
+    """``_cpu_conv``'s (output, dx, dk) and ``lax.conv_general_dilated``'s, for one random
+    output gradient."""
+    def lax_conv(x, k):
+        return jax.lax.conv_general_dilated(x, k, args.strides, args.padding, rhs_dilation=args.rhs_dilation,
+                                            dimension_numbers=("NHWC", "HWIO", "NHWC"),
+                                            feature_group_count=args.groups)
+
+    want, want_vjp = jax.vjp(lax_conv, x, k)
+    got, got_vjp = jax.vjp(lambda x, k: layers._cpu_conv(x, k, args), x, k)
+    g = jax.random.normal(key, want.shape)
+    return (got, *got_vjp(g)), (want, *want_vjp(g))
+
+
 # With a budget of 1 byte per slice every slice is MIN_SLICE images: batch 37 -> 16 slices of
 # 2-3 images, 4 -> 2 slices, 9 -> 4, 6 -> 3. Strides, dilation, asymmetric padding and groups vary.
 @pytest.mark.parametrize("n,kernel,strides,padding,dilation,groups", [
@@ -54,16 +68,8 @@ def test_sliced_conv_equals_lax_conv_with_its_gradients(n, kernel, strides, padd
     args = layers._ConvArgs(strides, padding, (1, 1), dilation, groups, None, tap_sum=False, sliced=True,
                             col2im=False)
 
-    def lax_conv(x, k):
-        return jax.lax.conv_general_dilated(x, k, strides, padding, rhs_dilation=dilation,
-                                            dimension_numbers=("NHWC", "HWIO", "NHWC"),
-                                            feature_group_count=groups)
-
-    want, want_vjp = jax.vjp(lax_conv, x, k)
-    got, got_vjp = jax.vjp(lambda x, k: layers._cpu_conv(x, k, args), x, k)
-    g = jax.random.normal(kg, want.shape)
+    (got, dx, dk), (want, want_dx, want_dk) = _against_lax(x, k, args, kg)
     np.testing.assert_array_equal(got, want)  # the forward is XLA's own conv
-    (dx, dk), (want_dx, want_dk) = got_vjp(g), want_vjp(g)
     np.testing.assert_array_equal(dx, want_dx)
     np.testing.assert_allclose(dk, want_dk, rtol=1e-5, atol=1e-4)  # summed in another order
 
@@ -83,16 +89,9 @@ def test_tap_sum_conv_equals_lax_conv_with_its_gradients(channels, kernel, paddi
     args = layers._ConvArgs((1, 1), padding, (1, 1), dilation, 1, None, tap_sum=True, sliced=sliced,
                             col2im=False)
 
-    def lax_conv(x, k):
-        return jax.lax.conv_general_dilated(x, k, (1, 1), padding, rhs_dilation=dilation,
-                                            dimension_numbers=("NHWC", "HWIO", "NHWC"))
-
-    want, want_vjp = jax.vjp(lax_conv, x, k)
-    got, got_vjp = jax.vjp(lambda x, k: layers._cpu_conv(x, k, args), x, k)
+    (got, dx, dk), (want, want_dx, want_dk) = _against_lax(x, k, args, kg)
     assert got.shape == want.shape
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)  # summed in another order
-    g = jax.random.normal(kg, want.shape)
-    (dx, dk), (want_dx, want_dk) = got_vjp(g), want_vjp(g)
     np.testing.assert_array_equal(dx, want_dx)  # XLA's own input gradient
     np.testing.assert_allclose(dk, want_dk, rtol=1e-5, atol=1e-4)
 
@@ -147,15 +146,8 @@ def test_col2im_input_gradient_equals_xlas(shape, kernel, padding, dilation):
     args = layers._ConvArgs((1, 1), padding, (1, 1), dilation, 1, None, tap_sum=False, sliced=False,
                             col2im=True)
 
-    def lax_conv(x, k):
-        return jax.lax.conv_general_dilated(x, k, (1, 1), padding, rhs_dilation=dilation,
-                                            dimension_numbers=("NHWC", "HWIO", "NHWC"))
-
-    want, want_vjp = jax.vjp(lax_conv, x, k)
-    got, got_vjp = jax.vjp(lambda x, k: layers._cpu_conv(x, k, args), x, k)
+    (got, dx, dk), (want, want_dx, want_dk) = _against_lax(x, k, args, kg)
     np.testing.assert_array_equal(got, want)  # the forward is XLA's own conv
-    g = jax.random.normal(kg, want.shape)
-    (dx, dk), (want_dx, want_dk) = got_vjp(g), want_vjp(g)
     assert dx.shape == x.shape
     np.testing.assert_allclose(dx, want_dx, rtol=1e-5, atol=1e-4)  # summed in another order
     np.testing.assert_array_equal(dk, want_dk)

@@ -521,17 +521,17 @@ def Sigmoid() -> Activation:  # noqa: N802
     return Activation(jax.nn.sigmoid)
 
 
-def _tiles(x: Array, k: int) -> Array:
-    """(N, H, W, C) -> (N, H//k, W//k, C, k*k): the non-overlapping k×k windows (floor mode)."""
-    n, h, w, c = x.shape
-    x = x[:, : h // k * k, : w // k * k].reshape(n, h // k, k, w // k, k, c)
-    return jnp.transpose(x, (0, 1, 3, 5, 2, 4)).reshape(n, h // k, w // k, c, k * k)
-
-
 def _windows(x: Array, k: int) -> Array:
     """(N, H, W, C) -> (N, H//k, k, W//k, k, C): a reshape of NHWC, no transpose (floor mode)."""
     n, h, w, c = x.shape
     return x[:, : h // k * k, : w // k * k].reshape(n, h // k, k, w // k, k, c)
+
+
+def _tiles(x: Array, k: int) -> Array:
+    """(N, H, W, C) -> (N, H//k, W//k, C, k*k): the non-overlapping k×k windows (floor mode)."""
+    v = _windows(x, k)
+    n, hk, _, wk, _, c = v.shape
+    return jnp.transpose(v, (0, 1, 3, 5, 2, 4)).reshape(n, hk, wk, c, k * k)
 
 
 def _max_and_first(x: Array, k: int) -> tuple[Array, Array]:

@@ -97,17 +97,18 @@ def torch_save_bytes(state_dict: Mapping[str, np.ndarray]) -> bytes:
             raise TypeError(f"{k}: no torch storage for dtype {a.dtype}")
     entries = [(k, STORAGES[a.dtype], tuple(int(s) for s in a.shape), int(a.size)) for k, a in arrays]
     data_pkl = _pickle(entries)
+    raw = [a.astype(a.dtype.newbyteorder("<"), copy=False).tobytes() for _, a in arrays]
     digest = hashlib.sha1(data_pkl)
-    for _, a in arrays:
-        digest.update(a.astype(a.dtype.newbyteorder("<"), copy=False).tobytes())
+    for r in raw:
+        digest.update(r)
     buf = io.BytesIO()
     with zipfile.ZipFile(buf, "w", zipfile.ZIP_STORED) as z:
         _write_aligned(z, buf, "data.pkl", data_pkl)
         _write_aligned(z, buf, ".format_version", b"1")
         _write_aligned(z, buf, ".storage_alignment", str(ALIGN).encode())
         _write_aligned(z, buf, "byteorder", b"little")
-        for key, (_, a) in enumerate(arrays):
-            _write_aligned(z, buf, f"data/{key}", a.astype(a.dtype.newbyteorder("<"), copy=False).tobytes())
+        for key, r in enumerate(raw):
+            _write_aligned(z, buf, f"data/{key}", r)
         _write_aligned(z, buf, "version", b"3\n")
         _write_aligned(z, buf, ".data/serialization_id", str(int(digest.hexdigest(), 16))[:40].encode())
     return buf.getvalue()

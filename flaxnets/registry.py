@@ -25,6 +25,7 @@ class NetSpec:
     kwargs: dict[str, Any] = field(default_factory=dict)
     parity_input: tuple[int, int, int] | None = None  # smaller H, W, C for parity checks
     any_size: bool = False  # global pooling before the head: any H, W (>= 32) works
+    batch_norm: bool = False  # has BatchNorm layers (batch statistics): drops a partial last batch
 
     @property
     def check_shape(self) -> tuple[int, int, int]:
@@ -48,23 +49,24 @@ def _rows() -> list[NetSpec]:
         NetSpec("net", "cifar2", "Net", 2, c2, 18_090, "fc2", "cifar2"),
         NetSpec("net_width", "cifar2", "NetWidth", 2, c2, 38_386, "fc2", "cifar2"),
         NetSpec("net_dropout", "cifar2", "NetDropout", 2, c2, 38_386, "fc2", "cifar2"),
-        NetSpec("net_batchnorm", "cifar2", "NetBatchNorm", 2, c2, 38_482, "fc2", "cifar2"),
+        NetSpec("net_batchnorm", "cifar2", "NetBatchNorm", 2, c2, 38_482, "fc2", "cifar2",
+                batch_norm=True),
     ]
     for depth, params in _RESNET_PARAMS.items():
         rows.append(
             NetSpec(f"resnet{depth}", "resnet_cifar", "ResNet", 10, c10, params, "linear", "cifar10",
-                    kwargs={"depth": depth})
+                    kwargs={"depth": depth}, batch_norm=True)
         )
     for depth, (blocks, params) in _DENSENET.items():
         rows.append(
             NetSpec(f"densenet{depth}", "densenet", "DenseNet", 1000, (224, 224, 3), params,
                     "classifier", "image_folder", kwargs={"block_config": blocks},
-                    parity_input=(64, 64, 3), any_size=True)
+                    parity_input=(64, 64, 3), any_size=True, batch_norm=True)
         )
     rows.append(
         NetSpec("densenet121_se", "densenet", "DenseNet", 2, (224, 224, 3), 7_218_050, "classifier",
                 "image_folder", kwargs={"block_config": _DENSENET[121][0], "se_reduction": 8},
-                parity_input=(64, 64, 3), any_size=True)
+                parity_input=(64, 64, 3), any_size=True, batch_norm=True)
     )
     return rows
 

@@ -112,17 +112,21 @@ def preprocess(x_uint8: jax.Array, recipe: Recipe, rng: jax.Array | None = None)
 
 
 def train_step(graphdef: nnx.GraphDef, state: tuple[nnx.State, nnx.State], opt_state: Any,
-               x_uint8: jax.Array, y: jax.Array, rng: jax.Array, *,
+               x_uint8: jax.Array, y: jax.Array, mask: jax.Array, rng: jax.Array, *,
                tx: optax.GradientTransformation, recipe: Recipe) -> tuple[Any, Any, jax.Array]:
-    """One optimiser step; returns (state, opt_state, [summed CE loss, correct count])."""
+    """One optimiser step on the examples ``mask`` keeps (a padded partial batch keeps fewer);
+    returns (state, opt_state, [summed CE loss, correct count])."""
     params, rest = state
+    m = mask.astype(jnp.float32)
+    count = jnp.sum(m)
     x = preprocess(x_uint8, recipe, rng)
 
     def loss_fn(p: nnx.State, rest: nnx.State) -> tuple[jax.Array, tuple[jax.Array, jax.Array, nnx.State]]:
         # copy=True: fresh Variables at this (grad) trace level, so BatchNorm may update them
         model = nnx.merge(graphdef, p, rest, copy=True)
         logits = model(x)
-        ce = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+        # the mean over the kept examples: a padded tail batch's gradient is its own batch's
+        ce = jnp.sum(optax.softmax_cross_entropy_with_integer_labels(logits, y) * m) / count
         loss = ce
         if recipe.l2:
             loss = loss + recipe.l2 * sum(jnp.sum(jnp.square(w)) for w in jax.tree.leaves(p))
@@ -131,8 +135,8 @@ def train_step(graphdef: nnx.GraphDef, state: tuple[nnx.State, nnx.State], opt_s
     (_, (ce, logits, new_rest)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, rest)
     updates, opt_state = tx.update(grads, opt_state, params)
     params = optax.apply_updates(params, updates)
-    correct = jnp.sum(jnp.argmax(logits, -1) == y)
-    return (params, new_rest), opt_state, jnp.stack([ce * y.shape[0], correct.astype(jnp.float32)])
+    correct = jnp.sum((jnp.argmax(logits, -1) == y) * m)
+    return (params, new_rest), opt_state, jnp.stack([ce * count, correct])
 
 
 def eval_step(graphdef: nnx.GraphDef, state: tuple[nnx.State, nnx.State], x_uint8: jax.Array,
@@ -228,11 +232,22 @@ def lr_schedule(recipe: Recipe, steps_per_epoch: int) -> Callable[[int], float]:
     return lr_at
 
 
-def steps_per_epoch(n_train: int, batch_size: int) -> int:
-    """Full batches per epoch; the last partial batch is dropped (fixed shapes, one compile)."""
-    if n_train < batch_size:
-        raise ValueError(f"{n_train} training examples are fewer than one batch of {batch_size}")
-    return n_train // batch_size
+def epoch_batches(name: str, n_train: int, batch_size: int) -> tuple[int, int]:
+    """(steps, examples trained) per epoch of net ``name``.
+
+    Every example, the last batch partial, as the material's DataLoader (no drop_last) does;
+    a net with BatchNorm drops a partial last batch instead: its batch statistics would be
+    those of a few examples, and the JAX engine's fixed-shape step cannot mask them out.
+    """
+    if flaxnets.get_spec(name).batch_norm:
+        if n_train < batch_size:
+            raise ValueError(f"{n_train} training examples are fewer than one batch of {batch_size}"
+                             f" (net {name!r} has BatchNorm and trains full batches only)")
+        steps = n_train // batch_size
+        return steps, steps * batch_size
+    if n_train < 1:
+        raise ValueError("no training examples")
+    return -(-n_train // batch_size), n_train
 
 
 def first_non_finite(losses: np.ndarray) -> int | None:
@@ -328,8 +343,9 @@ class JaxEngine:
         bs = recipe.batch_size
         if bs % self.devices:
             raise ValueError(f"batch size {bs} is not divisible by the {self.devices} devices")
-        self.steps = steps = steps_per_epoch(len(splits.x_train), bs)
-        self.n_train = len(splits.x_train)
+        self.n_train = n_train = len(splits.x_train)
+        self.steps, self.examples = epoch_batches(name, n_train, bs)
+        steps = self.steps
         repl, batch_sh = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
 
         self.model = model = flaxnets.create(name, num_classes=num_classes, seed=seed)
@@ -348,10 +364,12 @@ class JaxEngine:
             self.evals[split_name] = (replicate((xp, yp, mp), repl), len(xs))
 
         def train_batch(state, opt_state, x_all, y_all, perm, i, key):
+            # the last batch may be partial: perm is padded to whole batches, the mask drops the pad
             idx = jax.lax.dynamic_slice_in_dim(perm, i * bs, bs)
-            x = jax.lax.with_sharding_constraint(jnp.take(x_all, idx, axis=0), batch_sh)
-            y = jax.lax.with_sharding_constraint(jnp.take(y_all, idx, axis=0), batch_sh)
-            return train_step(gd_train, state, opt_state, x, y, jax.random.fold_in(key, i),
+            mask = jnp.arange(bs) < n_train - i * bs
+            x, y, mask = (jax.lax.with_sharding_constraint(a, batch_sh)
+                          for a in (jnp.take(x_all, idx, axis=0), jnp.take(y_all, idx, axis=0), mask))
+            return train_step(gd_train, state, opt_state, x, y, mask, jax.random.fold_in(key, i),
                               tx=tx, recipe=recipe)
 
         def eval_batch(state, x_all, y_all, m_all, i):
@@ -361,7 +379,8 @@ class JaxEngine:
             return sums, jax.lax.with_sharding_constraint(pred, repl)  # gathered: every host reads it
 
         def permutation(key):
-            return jax.random.permutation(key, self.n_train).astype(jnp.int32)
+            perm = jax.random.permutation(key, n_train).astype(jnp.int32)
+            return jnp.pad(perm, (0, max(0, steps * bs - n_train)))
 
         t0 = time.perf_counter()
         self.key = key = jax.random.key(seed)
@@ -554,7 +573,7 @@ def fit(name: str, data: Dataset, recipe: Recipe | None = None, seed: int = 0,
         lr = engine.lr_at(epoch * engine.steps)
         sums = engine.train_epoch(epoch, progress)
         train_s = time.perf_counter() - t_ep
-        n = engine.steps * recipe.batch_size
+        n = engine.examples
         row: dict[str, Any] = {"epoch": epoch + 1, "lr": lr, "train_loss": float(sums[:, 0].sum() / n),
                                "train_acc": float(sums[:, 1].sum() / n)}
         for split in splits.eval_sets():
@@ -585,6 +604,7 @@ def fit(name: str, data: Dataset, recipe: Recipe | None = None, seed: int = 0,
     info = {"train_examples": len(splits.x_train),
             "val_examples": 0 if splits.x_val is None else len(splits.x_val),
             "test_examples": len(splits.x_test), "steps_per_epoch": engine.steps,
+            "examples_per_epoch": engine.examples,
             "devices": getattr(engine, "devices", 1), "backend": backend,
             "best_val_acc": best_acc if validating else None,
             "best_epoch": best_epoch if validating else None, "resumed_from_epoch": start or None}

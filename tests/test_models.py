@@ -36,6 +36,9 @@ def test_parameter_counts_and_output_shapes(name):
     tmodel = torch_ref.create(name)
     assert count_params(fmodel) == PARAMS[name] == spec.params
     assert sum(p.numel() for p in tmodel.parameters()) == PARAMS[name]
+    # the registry's BatchNorm flag (it decides whether a partial last batch trains) is the models'
+    assert bool(jax.tree.leaves(nnx.state(fmodel, nnx.BatchStat))) == spec.batch_norm
+    assert any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in tmodel.modules()) == spec.batch_norm
     h, w, c = spec.input_shape
     graphdef, state = nnx.split(fmodel)
     out = jax.eval_shape(lambda s, x: nnx.merge(graphdef, s)(x), state, jax.ShapeDtypeStruct((3, h, w, c), jnp.float32))

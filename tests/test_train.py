@@ -154,6 +154,61 @@ def test_preprocess_and_augment():
         assert any(np.array_equal(aug[b], w) for w in windows)
 
 
+def test_a_partial_last_batch_is_trained_as_a_batch_of_its_own():
+    """LeNet on 6 examples in batches of 4: the second step is the 2-example batch's own step
+    (the padding the compiled step carries changes nothing), as the material's DataLoader."""
+    from flaxnets.train import JaxEngine, Splits, make_splits, train_step
+
+    ds = synthetic(n_train=6, n_test=4)
+    recipe = recipe_for("lenet", epochs=1, batch_size=4)
+    splits = make_splits(ds, recipe, 0)
+    engine = JaxEngine("lenet", splits, ds.num_classes, recipe, seed=0)
+    assert (engine.steps, engine.examples) == (2, 6)
+    state, opt_state = jax.tree.map(jnp.copy, (engine.state, engine.opt_state))
+    sums = engine.train_epoch(0)
+
+    k_perm, k_aug = jax.random.split(jax.random.fold_in(engine.key, 0))
+    perm = np.asarray(engine.perm_fn(k_perm))[:6]
+    assert sorted(perm) == list(range(6))
+    model = flaxnets.create("lenet", num_classes=ds.num_classes, seed=0)
+    gd = nnx.split(model, nnx.Param, ...)[0]
+    tx = make_optimizer(recipe, 2)[0]
+    want = []
+    for i, idx in enumerate((perm[:4], perm[4:])):
+        x, y = jnp.asarray(splits.x_train[idx]), jnp.asarray(splits.y_train[idx], jnp.int32)
+        state, opt_state, s = train_step(gd, state, opt_state, x, y, jnp.ones(len(idx), bool),
+                                         jax.random.fold_in(k_aug, i), tx=tx, recipe=recipe)
+        want.append(s)
+    np.testing.assert_allclose(sums, np.stack(want), rtol=1e-5)
+    for got, ref in zip(jax.tree.leaves(engine.state), jax.tree.leaves(state)):
+        np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-7)
+    assert fit("lenet", ds, recipe, seed=0).info["examples_per_epoch"] == 6
+
+
+def test_the_torch_engine_trains_a_partial_last_batch_too():
+    from flaxnets.train import make_splits
+    from torch_ref.train import TorchEngine
+
+    ds = synthetic(n_train=6, n_test=4)
+    recipe = recipe_for("lenet", epochs=1, batch_size=4)
+    engine = TorchEngine("lenet", make_splits(ds, recipe, 0), ds.num_classes, recipe, seed=0)
+    assert (engine.steps, engine.examples) == (2, 6)
+    weights = []
+    sums = engine.train_epoch(0, lambda e, i, n: weights.append(engine.model.fc[0].weight.detach().clone()))
+    assert len(weights) == 2 and not np.array_equal(weights[0].numpy(), weights[1].numpy())
+    assert sums.shape == (2, 2) and sums[1, 1] <= 2 and np.all(sums[:, 0] > 0)
+
+
+def test_nets_with_batchnorm_drop_a_partial_last_batch():
+    from flaxnets.train import epoch_batches
+
+    assert epoch_batches("net_batchnorm", 10, 4) == (2, 8)
+    assert epoch_batches("net", 10, 4) == (3, 10)
+    with pytest.raises(ValueError, match="fewer than one batch"):
+        epoch_batches("resnet20", 3, 4)
+    assert epoch_batches("lenet", 3, 4) == (1, 3)  # (the flag's truth: tests/test_models.py)
+
+
 def test_resnet_lr_schedule_steps_at_milestones():
     tx, lr_at = make_optimizer(recipe_for("resnet20"), steps_per_epoch=10)
     assert [lr_at(e * 10) for e in (0, 99, 100, 149, 150, 199)] == pytest.approx(

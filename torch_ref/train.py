@@ -24,7 +24,7 @@ import torch.nn.functional as F
 import torch_ref
 from flaxnets import checkpoint
 from flaxnets.train import (IMAGENET_MEAN, IMAGENET_STD, NAN_CHECK_EVERY, NonFiniteLossError, Recipe,
-                            Splits, first_non_finite, lr_schedule, steps_per_epoch)
+                            Splits, epoch_batches, first_non_finite, lr_schedule)
 
 FORMAT = "flaxnets-torch-train-state"
 
@@ -58,7 +58,8 @@ class TorchEngine:
                  channels_last: bool = False):
         self.name, self.recipe, self.seed, self.num_classes = name, recipe, seed, num_classes
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
-        self.steps = steps_per_epoch(len(splits.x_train), recipe.batch_size)
+        # the last step's batch is partial unless the net has BatchNorm (epoch_batches)
+        self.steps, self.examples = epoch_batches(name, len(splits.x_train), recipe.batch_size)
         self.lr_at = lr_schedule(recipe, self.steps)
         torch.manual_seed(seed)
         self.model = torch_ref.create(name, num_classes=num_classes).to(memory_format=self.memory_format)
@@ -107,7 +108,7 @@ class TorchEngine:
             self.opt.zero_grad(set_to_none=True)
             loss.backward()
             self.opt.step()
-            sums[i] = (ce.item() * bs, (logits.argmax(1) == y).sum().item())
+            sums[i] = (ce.item() * len(y), (logits.argmax(1) == y).sum().item())
             if progress:
                 progress(epoch, i + 1, self.steps)
             if (i + 1) % NAN_CHECK_EVERY == 0 or i + 1 == self.steps:

@@ -273,10 +273,21 @@ def summarise(row: dict[str, Any], peak_flops: float) -> dict[str, Any]:
     row["train_flops_per_step"] = TRAIN_OVER_FORWARD * fwd * row["batch"]
     ips = {v: r["median_images_per_s"] for v, r in row["variants"].items() if r["status"] == "ok"}
     row["percent_of_peak"] = {v: 100 * x * TRAIN_OVER_FORWARD * fwd / peak_flops for v, x in ips.items()}
-    eager = [ips[v] for v in EAGER if v in ips]
-    row["jax_over_best_eager"] = ips["jax"] / max(eager) if "jax" in ips and eager else None
-    row["jax_over_ablated"] = ips["jax"] / ips[ABLATED] if "jax" in ips and ABLATED in ips else None
+    best = max((v for v in EAGER if v in ips), key=ips.get, default=None)
+    row["jax_over_best_eager"] = _paired_ratio(row, best)
+    row["jax_over_ablated"] = _paired_ratio(row, ABLATED if ABLATED in ips else None)
     return row
+
+
+def _paired_ratio(row: dict[str, Any], other: str | None) -> float | None:
+    """JAX's speed over variant ``other``: the median over rounds of other's epoch time / JAX's
+    in the same round. Paired, because this machine's speed drifts by 20-30 % between rounds
+    a minute apart and both variants of a round see the same drift (with one round it is the
+    ratio of the medians)."""
+    vs = row["variants"]
+    if other is None or vs.get("jax", {}).get("status") != "ok":
+        return None
+    return statistics.median(o / j for o, j in zip(vs[other]["seconds"], vs["jax"]["seconds"]))
 
 
 # --------------------------------------------------------------------------- end to end
@@ -525,7 +536,8 @@ def format_table(report: dict[str, Any]) -> str:
               f"{TRAIN_OVER_FORWARD}× the forward pass's conv/linear multiply-adds × 2.",
               f"Medians of {report['settings']['repeats']} interleaved repeats of "
               f"{report['settings']['steps']}-step epochs after {report['settings']['warmup']} "
-              f"warm-up; compile s: JAX engine build (train+eval step, cold), torch.compile first "
+              f"warm-up; JAX ÷ PyTorch pairs the rounds: the median of the best-median eager "
+              f"variant's time / JAX's in the same round; compile s: JAX engine build (train+eval step, cold), torch.compile first "
               f"epoch minus a steady one (torch's on-disk caches: warm after a first run). "
               f"{m['cpu']}, {m['cores']} cores, torch threads {m['torch_threads']}, load average "
               f"{m['loadavg_start'][0]:.1f} → {report['loadavg_end'][0]:.1f}."]

@@ -90,13 +90,28 @@ def test_the_ablation_table_gives_each_nets_speedup(monkeypatch):
     case = bench.Case("lenet", 4, (28, 28, 1), 2)
     row = bench.measure_case(case, ("jax", bench.ABLATED), repeats=1, without=("tiled_pools",))
     assert built == [("jax", ("tiled_pools",)), (bench.ABLATED, ("tiled_pools",))]
-    row["variants"]["jax"]["median_images_per_s"] = 300.0
-    row["variants"][bench.ABLATED]["median_images_per_s"] = 200.0
+    for v, seconds in (("jax", 2.0), (bench.ABLATED, 3.0)):
+        row["variants"][v].update(seconds=[seconds], median_images_per_s=600.0 / seconds)
     bench.summarise(row, peak_flops=1e9)
     assert row["jax_over_ablated"] == 1.5 and row["jax_over_best_eager"] is None
     text = bench.format_ablation({"settings": {"without": ["tiled_pools"]}, "nets": [row]})
     assert "| net | JAX img/s | JAX without tiled_pools img/s | speed-up |" in text
     assert "| lenet | 300 | 200 | 1.50× | 1.5 / 1.5 |" in text
+
+def test_jax_over_pytorch_pairs_the_rounds():
+    """The machine slows in round 3: each round's torch / JAX time is 3.0, 1.1, 1.1 -> 1.1,
+    where the ratio of the medians (2.2 / 2) would say 1.5. The best eager variant is the one
+    with the best median (torch-CL here, though plain torch wins round 2)."""
+    ok = {"status": "ok"}
+    row = {"net": "net", "input": [32, 32, 3], "batch": 2, "variants": {
+        "jax": dict(ok, seconds=[1.0, 2.0, 10.0]), "torch": dict(ok, seconds=[30.0, 2.0, 30.0]),
+        "torch_cl": dict(ok, seconds=[3.0, 2.2, 11.0])}}
+    for v in row["variants"].values():
+        v["median_images_per_s"] = 1 / float(np.median(v["seconds"]))
+    bench.summarise(row, peak_flops=1e9)
+    assert row["jax_over_best_eager"] == pytest.approx(1.1)
+    assert row["jax_over_ablated"] is None
+
 
 def test_bench_script_prints_the_table_and_writes_bench_json(tmp_path):
     out = tmp_path / "bench.json"

@@ -74,8 +74,9 @@ SPEEDUPS = {
     "tap_sum_convs": "CPU: stride-1 convs of at most 3 input channels as a sum of shifted inputs",
     "tiled_pools": "CPU: non-overlapping pools as a reshape and a reduction",
     "cpu_compile_options": "CPU: per-net XLA compile options measured faster (flaxnets.train)",
-    "col2im_input_grads": "CPU: input gradients of stride-1 convs of at most 8 input channels as a"
-                          " matrix product and a sum of shifted blocks",
+    "col2im_input_grads": "CPU: input gradients of stride-1 convs of at most 8 input channels or"
+                          " 8x8 outputs as a matrix product and a sum of shifted blocks",
+    "pointwise_dots": "CPU: unpadded 1x1 convs as a matrix product over channels",
 }
 _off: list[frozenset[str]] = [frozenset()]
 
@@ -126,9 +127,10 @@ def conv_general_dilated(lhs: Array, rhs: Array, window_strides: Sequence[int], 
                          feature_group_count: int = 1, **kw: Any) -> Array:
     """``lax.conv_general_dilated``; on the CPU, in forms XLA:CPU runs faster (same function).
 
-    Inside a BlockStack scan a stride-1 conv is ``_loop_conv``; elsewhere an NHWC conv of at
-    most 3 input channels (an image) runs forward as a tap sum, one of at most 8 takes its input
-    gradient as col2im, and one with a spatial kernel takes its kernel gradient in slices
+    An unpadded 1x1 conv is a matrix product (``_pointwise``). Inside a BlockStack scan a
+    stride-1 conv is ``_loop_conv``; elsewhere an NHWC conv of at most 3 input channels (an
+    image) runs forward as a tap sum, one of at most 8 input channels or 8x8 outputs takes its
+    input gradient as col2im, and one with a spatial kernel takes its kernel gradient in slices
     (``_cpu_conv``, see SPEEDUPS). GPU/TPU keep XLA's own.
     """
     strides, pads = tuple(window_strides), tuple(tuple(p) for p in padding)
@@ -136,6 +138,9 @@ def conv_general_dilated(lhs: Array, rhs: Array, window_strides: Sequence[int], 
     cpu_nhwc = (jax.default_backend() == "cpu" and dimension_numbers == _NHWC
                 and not kw.get("preferred_element_type") and kw.get("out_sharding") is None)
     plain = strides == lhs_dil == (1, 1) and feature_group_count == 1  # stride 1, no input dilation
+    if (cpu_nhwc and _on("pointwise_dots") and rhs.shape[:2] == (1, 1) and lhs_dil == (1, 1)
+            and feature_group_count == 1 and pads == ((0, 0), (0, 0))):
+        return _pointwise(lhs, rhs, strides, kw.get("precision"))
     if cpu_nhwc and _in_scan[-1]:
         if plain and rhs_dil == (1, 1):
             return _loop_conv(lhs, rhs, pads, _on("sliced_kernel_grads"))
@@ -143,12 +148,26 @@ def conv_general_dilated(lhs: Array, rhs: Array, window_strides: Sequence[int], 
         tap_sum = _on("tap_sum_convs") and plain and rhs.shape[2] <= TAP_SUM_MAX_CHANNELS
         sliced = (_on("sliced_kernel_grads") and rhs.shape[0] * rhs.shape[1] > 1
                   and lhs.shape[0] >= 2 * MIN_SLICE)
-        col2im = _on("col2im_input_grads") and plain and rhs.shape[2] <= COL2IM_MAX_CHANNELS
+        out_pixels = math.prod(lhs.shape[1 + d] + sum(pads[d]) - rhs_dil[d] * (rhs.shape[d] - 1)
+                               for d in (0, 1))
+        col2im = (_on("col2im_input_grads") and plain
+                  and (rhs.shape[2] <= COL2IM_MAX_CHANNELS or out_pixels <= COL2IM_MAX_PIXELS))
         if tap_sum or sliced or col2im:
             return _cpu_conv(lhs, rhs, _ConvArgs(strides, pads, lhs_dil, rhs_dil, feature_group_count,
                                                  kw.get("precision"), tap_sum, sliced, col2im))
     return jax.lax.conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation,
                                         dimension_numbers, feature_group_count, **kw)
+
+
+def _pointwise(x: Array, k: Array, strides: tuple[int, int], precision: Any) -> Array:
+    """An unpadded 1x1 NHWC conv as one matrix product over channels (strided: of the kept pixels).
+
+    XLA:CPU's gradient convolutions of a 1x1 conv copy its kernel transposed first, element by
+    element (DenseNet-121: ~60 such copies per step); a dot's gradients take it as it is.
+    """
+    if strides != (1, 1):
+        x = x[:, ::strides[0], ::strides[1], :]
+    return jnp.dot(x, k[0, 0], precision=precision)
 
 
 # NHWC input/output, HWIO kernel, in the form nnx.Conv passes (the rank-4 shapes are placeholders)
@@ -228,6 +247,13 @@ TAP_SUM_MAX_CHANNELS = 3
 # median over 30 alternating rounds of 8 steps (2026-11-22). Wider inputs gain nothing: with
 # the rule at 64 channels, dilated (conv2 16→32) 1.02x and resnet20 (16→16 ...) 0.99x, noise.
 COL2IM_MAX_CHANNELS = 8
+# Small images too, whatever their channels: XLA:CPU's input gradient there is mostly overhead
+# (it first copies the kernel reversed and transposed, element by element). DenseNet-121's 3x3
+# 128->32 convs, all on 8x8 or smaller at the benchmark's 32x32 input: 1.14x per step with this
+# rule (median of 16 alternating rounds, IQR 0.97-1.25; 1.20x in another 16); at 64x64 input
+# (block 1 at 16x16 keeps XLA's) 1.06x; resnet20 (its 8x8 stage takes it) 1.00x; every conv of
+# any size taking it: densenet121 at 64x64 1.06x, resnet20 0.99x (2026-11-23).
+COL2IM_MAX_PIXELS = 64  # output pixels per image
 
 
 def _tap_sum(x: Array, k: Array, padding: tuple[tuple[int, int], ...], dilation: tuple[int, int]) -> Array:

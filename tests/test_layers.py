@@ -96,6 +96,30 @@ def test_tap_sum_conv_equals_lax_conv_with_its_gradients(channels, kernel, paddi
     np.testing.assert_allclose(dk, want_dk, rtol=1e-5, atol=1e-4)
 
 
+@pytest.mark.parametrize("strides", [(1, 1), (2, 2), (2, 1)])
+def test_pointwise_conv_is_a_dot_equal_to_lax_conv_with_its_gradients(strides, monkeypatch):
+    dots = []
+    real = layers._pointwise
+    monkeypatch.setattr(layers, "_pointwise", lambda *a: dots.append(1) or real(*a))
+    kx, kk, kg = jax.random.split(jax.random.key(0), 3)
+    x = jax.random.normal(kx, (3, 9, 8, 12))
+    k = jax.random.normal(kk, (1, 1, 12, 5))
+
+    def conv(f):
+        return lambda x, k: f(x, k, strides, ((0, 0), (0, 0)), dimension_numbers=layers._NHWC)
+
+    want, want_vjp = jax.vjp(conv(jax.lax.conv_general_dilated), x, k)
+    got, got_vjp = jax.vjp(conv(layers.conv_general_dilated), x, k)
+    assert dots == ([1] if jax.default_backend() == "cpu" else [])
+    g = jax.random.normal(kg, want.shape)
+    for a, b in zip((got, *got_vjp(g)), (want, *want_vjp(g))):
+        assert a.shape == b.shape
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)  # summed in another order
+    dots.clear()
+    layers.conv_general_dilated(x, k, strides, ((1, 1), (1, 1)), dimension_numbers=layers._NHWC)
+    assert dots == []  # padded: XLA's conv
+
+
 def _conv_forms(monkeypatch) -> list[tuple[tuple[int, ...], bool, bool, bool]]:
     """Record (kernel shape, tap_sum, sliced, col2im) of every ``_cpu_conv`` traced from now on."""
     calls = []
@@ -121,13 +145,21 @@ def test_only_stride_1_convs_of_at_most_3_channels_take_the_tap_sum(monkeypatch)
     assert calls == []  # and batch 2 is too small to slice
 
 
-def test_only_convs_of_at_most_8_input_channels_take_the_col2im_input_gradient(monkeypatch):
+def test_only_convs_of_at_most_8_input_channels_or_8x8_outputs_take_the_col2im_input_gradient(monkeypatch):
     calls = _conv_forms(monkeypatch)
     flaxnets.create("lenet", seed=0)(jnp.zeros((4, 28, 28, 1)))  # 1->6 (an image: unused), 6->16
     flaxnets.create("net", seed=0)(jnp.zeros((4, 32, 32, 3)))  # 3->16, then 16->8
     cpu = jax.default_backend() == "cpu"
     assert [(shape, col2im) for shape, _, _, col2im in calls] == (
         [((5, 5, 1, 6), True), ((5, 5, 6, 16), True), ((3, 3, 3, 16), True), ((3, 3, 16, 8), False)]
+        if cpu else [])
+    calls.clear()
+    with unrolled_stacks():
+        flaxnets.create("resnet20", seed=0)(jnp.zeros((4, 32, 32, 3)))
+    # the RGB conv, and stage 3's stride-1 convs on 8x8 (not its stride-2 first one)
+    assert [(shape, col2im) for shape, _, _, col2im in calls] == (
+        [((3, 3, 3, 16), True)] + [((3, 3, 16, 16), False)] * 6 + [((3, 3, 16, 32), False)]
+        + [((3, 3, 32, 32), False)] * 5 + [((3, 3, 32, 64), False)] + [((3, 3, 64, 64), True)] * 5
         if cpu else [])
     calls.clear()
     with layers.without("col2im_input_grads"):
@@ -178,7 +210,9 @@ def test_convs_with_spatial_kernels_take_the_sliced_gradient_on_the_cpu(monkeypa
         model(jnp.zeros((3, 32, 32, 3)))  # fewer than two slices of MIN_SLICE images: not split
         with layers.without("sliced_kernel_grads"):
             model(jnp.zeros((4, 32, 32, 3)))
-    assert [sliced for _, _, sliced, _ in forms] == ([False, False] if jax.default_backend() == "cpu" else [])
+    # the RGB conv's tap sum, and the 8x8 stage's col2im input gradients (no slices either way)
+    assert len(forms) == (2 * (1 + 5) if jax.default_backend() == "cpu" else 0)  # per pass
+    assert not any(sliced for _, _, sliced, _ in forms)
 
 
 def _loss_and_state(model: nnx.Module, x: jax.Array, y: jax.Array, unrolled: bool):

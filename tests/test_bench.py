@@ -98,6 +98,7 @@ def test_the_ablation_table_gives_each_nets_speedup(monkeypatch):
     assert "| net | JAX img/s | JAX without tiled_pools img/s | speed-up |" in text
     assert "| lenet | 300 | 200 | 1.50× | 1.5 / 1.5 |" in text
 
+
 def test_jax_over_pytorch_pairs_the_rounds():
     """The machine slows in round 3: each round's torch / JAX time is 3.0, 1.1, 1.1 -> 1.1,
     where the ratio of the medians (2.2 / 2) would say 1.5. The best eager variant is the one

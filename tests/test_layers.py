@@ -37,16 +37,16 @@ def test_loop_conv_equals_lax_conv_with_its_gradients(n, padding, sliced, monkey
 
 
 
-def _against_lax(x: jax.Array, k: jax.Array, args: layers._ConvArgs, key: jax.Array):
-    """``_cpu_conv``'s (output, dx, dk) and ``lax.conv_general_dilated``'s, for one random
-    output gradient."""
+def _against_lax(x: jax.Array, k: jax.Array, args: layers._ConvArgs, key: jax.Array, conv=None):
+    """``conv``'s (output, dx, dk) — ``_cpu_conv`` with ``args`` unless given — and
+    ``lax.conv_general_dilated``'s, for one random output gradient."""
     def lax_conv(x, k):
         return jax.lax.conv_general_dilated(x, k, args.strides, args.padding, rhs_dilation=args.rhs_dilation,
                                             dimension_numbers=("NHWC", "HWIO", "NHWC"),
                                             feature_group_count=args.groups)
 
     want, want_vjp = jax.vjp(lax_conv, x, k)
-    got, got_vjp = jax.vjp(lambda x, k: layers._cpu_conv(x, k, args), x, k)
+    got, got_vjp = jax.vjp(conv or (lambda x, k: layers._cpu_conv(x, k, args)), x, k)
     g = jax.random.normal(key, want.shape)
     return (got, *got_vjp(g)), (want, *want_vjp(g))
 
@@ -104,15 +104,14 @@ def test_pointwise_conv_is_a_dot_equal_to_lax_conv_with_its_gradients(strides, m
     kx, kk, kg = jax.random.split(jax.random.key(0), 3)
     x = jax.random.normal(kx, (3, 9, 8, 12))
     k = jax.random.normal(kk, (1, 1, 12, 5))
+    unpadded = ((0, 0), (0, 0))
+    args = layers._ConvArgs(strides, unpadded, (1, 1), (1, 1), 1, None, tap_sum=False, sliced=False,
+                            col2im=False)
 
-    def conv(f):
-        return lambda x, k: f(x, k, strides, ((0, 0), (0, 0)), dimension_numbers=layers._NHWC)
-
-    want, want_vjp = jax.vjp(conv(jax.lax.conv_general_dilated), x, k)
-    got, got_vjp = jax.vjp(conv(layers.conv_general_dilated), x, k)
+    got, want = _against_lax(x, k, args, kg, lambda x, k: layers.conv_general_dilated(
+        x, k, strides, unpadded, dimension_numbers=layers._NHWC))
     assert dots == ([1] if jax.default_backend() == "cpu" else [])
-    g = jax.random.normal(kg, want.shape)
-    for a, b in zip((got, *got_vjp(g)), (want, *want_vjp(g))):
+    for a, b in zip(got, want):
         assert a.shape == b.shape
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)  # summed in another order
     dots.clear()

@@ -157,7 +157,7 @@ def test_preprocess_and_augment():
 def test_a_partial_last_batch_is_trained_as_a_batch_of_its_own():
     """LeNet on 6 examples in batches of 4: the second step is the 2-example batch's own step
     (the padding the compiled step carries changes nothing), as the material's DataLoader."""
-    from flaxnets.train import JaxEngine, Splits, make_splits, train_step
+    from flaxnets.train import JaxEngine, make_splits, train_step
 
     ds = synthetic(n_train=6, n_test=4)
     recipe = recipe_for("lenet", epochs=1, batch_size=4)

@@ -28,11 +28,11 @@ def create(name: str, num_classes: int | None = None, seed: int = 0, **kw: Any):
 def create_for_loading(name: str, num_classes: int | None = None, **kw: Any):
     """A model of ``name`` whose every tensor a weights loader will overwrite.
 
-    For the DenseNets shapes only (``nnx.eval_shape``): random initialisation is skipped, which
-    takes ~20 s of the ~22 s a conversion costs (measured 2026-11-22, 2-core CPU: densenet121
-    created 22.5 s, abstract + loaded 3.3 s, same weights). Not for the others: tracing
-    resnet1202 abstractly took 115 s against 20 s to build it, and the small nets build in
-    well under a second. Nets with dropout carry RNG state that no weights file holds.
+    For the DenseNets shapes only (``nnx.eval_shape``): random initialisation is skipped
+    (2-core CPU, a fresh process: densenet121 converted in 3.2 s abstract, 5.0 s created; 22.5 s
+    before initialisers drew in power-of-two lengths, see ``layers._drawn``). Not for the
+    others: tracing resnet1202 abstractly took 115 s against 20 s to build it, and the small
+    nets build in well under a second. Nets with dropout carry RNG state that no weights file holds.
     """
     import jax
     from flax import nnx

@@ -202,6 +202,11 @@ def _call(fn, jit: bool, *args):
     return nnx.jit(fn)(*args) if jit else fn(*args)
 
 
+def runs_jitted(name: str) -> bool:
+    """Whether ``check_net`` jits net ``name``'s forward and gradient by default (see ``_call``)."""
+    return flaxnets.get_spec(name).module == "densenet"
+
+
 def _to_float64(model: nnx.Module) -> nnx.Module:
     """A float64 copy of a Flax model (call under ``jax.enable_x64``)."""
     model = nnx.clone(model)
@@ -219,7 +224,7 @@ def check_net(name: str, seed: int = 0, batch: int = 2, input_shape: tuple[int, 
     a mismatch, it records it in ``failures``."""
     spec = flaxnets.get_spec(name)
     h, w, c = input_shape or spec.check_shape
-    jit = spec.module == "densenet" if jit is None else jit
+    jit = runs_jitted(name) if jit is None else jit
     res = ParityResult(name, spec.params)
     torch.manual_seed(seed)
     tmodel = torch_ref.create(name, **kw)

@@ -23,9 +23,11 @@ _CHILD = ("import importlib, json, sys; mod, fn = sys.argv[1].rsplit('.', 1); "
           "print(json.dumps(getattr(importlib.import_module(mod), fn)(*sys.argv[2:])))")
 
 
-def call_in_child(function: str, *args: str, timeout: float = 1800) -> Any:
-    """``module.function(*args)`` in a child Python with FAST_COMPILE_FLAGS; its JSON result."""
-    env = dict(os.environ, XLA_FLAGS=f"{os.environ.get('XLA_FLAGS', '')} {FAST_COMPILE_FLAGS}")
+def call_in_child(function: str, *args: str, timeout: float = 1800, fast_compile: bool = True) -> Any:
+    """``module.function(*args)`` in a child Python (with FAST_COMPILE_FLAGS unless told not); its
+    JSON result."""
+    flags = os.environ.get("XLA_FLAGS", "")
+    env = dict(os.environ, XLA_FLAGS=f"{flags} {FAST_COMPILE_FLAGS}" if fast_compile else flags)
     out = subprocess.run([sys.executable, "-c", _CHILD, function, *args], cwd=ROOT, env=env,
                          capture_output=True, text=True, timeout=timeout)
     assert out.returncode == 0, out.stderr[-3000:]

@@ -67,6 +67,8 @@ def test_matching_models_have_no_divergent_layer():
     rows = layer_deltas(t, f, x)
     assert {"conv1", "bn1", "layer1.0.conv1", "layer3.2.bn2", "linear"} <= {r.path for r in rows}
     assert first_divergence(t, f, x) is None
+    jitted = layer_deltas(t, f, x, jit=True)  # one program: the same layers, in the same order
+    assert [r.path for r in jitted] == [r.path for r in rows] and all(r.ok for r in jitted)
 
 
 @pytest.mark.parametrize("name,layer", [("resnet20", "layer2.1.bn1"), ("lenet", "fc.2"),
@@ -78,7 +80,7 @@ def test_the_first_divergent_layer_is_named(name, layer):
         module = getattr(module, part)
     var = module.var if hasattr(module, "var") else module.kernel
     var.set_value(var[...] * 1.5)  # a conversion bug in exactly one layer
-    hit = first_divergence(t, f, x)
+    hit = first_divergence(t, f, x, jit=runs_jitted(name))
     assert hit is not None and hit.path == layer, hit
     assert hit.delta > 1e-5
 

@@ -32,7 +32,8 @@ def create_for_loading(name: str, num_classes: int | None = None, **kw: Any):
     (2-core CPU, a fresh process: densenet121 converted in 3.2 s abstract, 5.0 s created; 22.5 s
     before initialisers drew in power-of-two lengths, see ``layers._drawn``). Not for the
     others: tracing resnet1202 abstractly took 115 s against 20 s to build it, and the small
-    nets build in well under a second. Nets with dropout carry RNG state that no weights file holds.
+    nets build in well under a second. Nets with dropout carry RNG state that no weights file
+    holds.
     """
     import jax
     from flax import nnx

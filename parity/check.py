@@ -220,7 +220,7 @@ def _to_float64(model: nnx.Module) -> nnx.Module:
     """A float64 copy of a Flax model (call under ``jax.enable_x64``)."""
     model = nnx.clone(model)
     state = nnx.state(model)
-    # cast on the host: an eager astype compiles one program per shape (resnet1202: 5.6 s)
+    # cast on the host: an eager astype compiles one program per shape (densenet201: 7.8 -> 1.2 s)
     nnx.update(model, jax.tree.map(
         lambda a: jax.device_put(np.asarray(a, np.float64)) if jnp.issubdtype(a.dtype, jnp.floating)
         else a, state))

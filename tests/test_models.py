@@ -99,7 +99,6 @@ def test_flax_init_draws_from_the_torch_distributions(name, kw):
     assert checked >= 3
 
 
-
 @pytest.mark.parametrize("shape", [(), (0,), (7,), (5, 5, 1, 6), (3, 3, 64, 32)])
 def test_initialisers_give_the_numbers_of_a_direct_draw(shape):
     """The power-of-two draws cut to shape (one compiled program per length) are jax.random's
@@ -112,7 +111,8 @@ def test_initialisers_give_the_numbers_of_a_direct_draw(shape):
         return (jax.random.uniform(k, shape, jnp.float32, -bound, bound),
                 std * jax.random.normal(k, shape, jnp.float32))
 
-    # traced, both sides fuse the scale into the draw (XLA rounds that 1 ulp off eager's)
+    # eager against eager, jitted against jitted: jitted, XLA fuses the scale into the draw and
+    # rounds 1 ulp off the eager product
     for got, want in (([i(key, shape) for i in inits], direct(key)),
                       (jax.jit(lambda k: [i(k, shape) for i in inits])(key), jax.jit(direct)(key))):
         for g, d in zip(got, want):
@@ -137,6 +137,7 @@ def test_creating_a_densenet_compiles_a_few_programs_not_one_per_layer_shape():
         jax.monitoring.unregister_event_duration_listener(listen)
     assert count_params(model) == PARAMS["densenet121"]
     assert 0 < len(compiles) <= 20, len(compiles)
+
 
 # --------------------------------------------------------------------------- train / eval
 def test_train_and_eval_switch_dropout_like_torch():

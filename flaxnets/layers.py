@@ -34,11 +34,13 @@ def _drawn(sample: Callable[..., Array], key: Array, shape: Sequence[int], dtype
     is the very same numbers (tested) and a few lengths cover every layer; the cut and the scale
     happen on the host. Traced (jit, eval_shape) it draws ``shape`` directly.
     """
-    if not jax.config.jax_threefry_partitionable or isinstance(key, jax.core.Tracer):
-        return scale * sample(key, shape, dtype)
-    n = math.prod(shape)
-    flat = np.asarray(sample(key, (1 << max(n - 1, 0).bit_length(),), dtype))
-    return jax.device_put(flat[:n].reshape(shape) * flat.dtype.type(scale))
+    if jax.config.jax_threefry_partitionable and not isinstance(key, jax.core.Tracer):
+        n = math.prod(shape)
+        flat = sample(key, (1 << max(n - 1, 0).bit_length(),), dtype)
+        if not isinstance(flat, jax.core.Tracer):  # a concrete key closed over in a trace
+            flat = np.asarray(flat)
+            return jax.device_put(flat[:n].reshape(shape) * flat.dtype.type(scale))
+    return scale * sample(key, shape, dtype)
 
 
 def torch_uniform(fan_in: int) -> Initializer:

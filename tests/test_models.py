@@ -111,10 +111,12 @@ def test_initialisers_give_the_numbers_of_a_direct_draw(shape):
         return (jax.random.uniform(k, shape, jnp.float32, -bound, bound),
                 std * jax.random.normal(k, shape, jnp.float32))
 
-    # eager against eager, jitted against jitted: jitted, XLA fuses the scale into the draw and
-    # rounds 1 ulp off the eager product
+    # eager against eager, jitted against jitted (the key an argument, then closed over): jitted,
+    # XLA fuses the scale into the draw and rounds 1 ulp off the eager product
     for got, want in (([i(key, shape) for i in inits], direct(key)),
-                      (jax.jit(lambda k: [i(k, shape) for i in inits])(key), jax.jit(direct)(key))):
+                      (jax.jit(lambda k: [i(k, shape) for i in inits])(key), jax.jit(direct)(key)),
+                      (jax.jit(lambda: [i(key, shape) for i in inits])(),
+                       jax.jit(lambda: direct(key))())):
         for g, d in zip(got, want):
             assert g.shape == shape and g.dtype == jnp.float32
             np.testing.assert_array_equal(np.asarray(g), np.asarray(d))

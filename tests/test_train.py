@@ -67,11 +67,16 @@ def test_recipes_follow_the_issue_table():
 
 def test_per_net_cpu_compile_options_reach_the_compiled_steps(lenet_run):
     """lenet's steps compile without YNN library fusions (CPU_COMPILE_OPTIONS); the switch
-    ``without('cpu_compile_options')`` and the other nets keep XLA's defaults."""
+    ``without('cpu_compile_options')`` and the nets without an entry keep XLA's defaults. Every
+    entry is an option this XLA knows (it refuses unknown ones) and keeps the function."""
     from flaxnets import layers
     from flaxnets.train import CPU_COMPILE_OPTIONS, compile_options, make_engine, make_splits
 
-    assert compile_options("lenet") == CPU_COMPILE_OPTIONS["lenet"] and compile_options("net") == {}
+    assert compile_options("lenet") == CPU_COMPILE_OPTIONS["lenet"] and compile_options("resnet20") == {}
+    x = jnp.linspace(-3, 3, 999, dtype=jnp.float32)
+    f = jax.jit(lambda v: jnp.tanh(v) @ v)
+    for name in CPU_COMPILE_OPTIONS:
+        assert float(f.lower(x).compile(compile_options(name))(x)) == pytest.approx(float(f(x)), rel=1e-6)
     engine = lenet_run.engine
     assert "__ynn_fusion" not in engine.train_fn.as_text()
     assert all("__ynn_fusion" not in f.as_text() for f in engine.eval_fns.values())

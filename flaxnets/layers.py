@@ -98,6 +98,8 @@ SPEEDUPS = {
     "col2im_input_grads": "CPU: input gradients of stride-1 convs of at most 8 input channels or"
                           " 8x8 outputs as a matrix product and a sum of shifted blocks",
     "pointwise_dots": "CPU: unpadded 1x1 convs as a matrix product over channels",
+    "plain_kernel_grads": "CPU: kernel gradients of stride-1 convs of 4-32 input channels as a plain"
+                          " conv with the images as its features",
 }
 _off: list[frozenset[str]] = [frozenset()]
 
@@ -151,8 +153,8 @@ def conv_general_dilated(lhs: Array, rhs: Array, window_strides: Sequence[int], 
     An unpadded 1x1 conv is a matrix product (``_pointwise``). Inside a BlockStack scan a
     stride-1 conv is ``_loop_conv``; elsewhere an NHWC conv of at most 3 input channels (an
     image) runs forward as a tap sum, one of at most 8 input channels or 8x8 outputs takes its
-    input gradient as col2im, and one with a spatial kernel takes its kernel gradient in slices
-    (``_cpu_conv``, see SPEEDUPS). GPU/TPU keep XLA's own.
+    input gradient as col2im, and one with a spatial kernel takes its kernel gradient in slices,
+    as a plain conv for 4-32 input channels (``_cpu_conv``, see SPEEDUPS). GPU/TPU keep XLA's own.
     """
     strides, pads = tuple(window_strides), tuple(tuple(p) for p in padding)
     lhs_dil, rhs_dil = tuple(lhs_dilation or (1, 1)), tuple(rhs_dilation or (1, 1))
@@ -173,9 +175,11 @@ def conv_general_dilated(lhs: Array, rhs: Array, window_strides: Sequence[int], 
                                for d in (0, 1))
         col2im = (_on("col2im_input_grads") and plain
                   and (rhs.shape[2] <= COL2IM_MAX_CHANNELS or out_pixels <= COL2IM_MAX_PIXELS))
-        if tap_sum or sliced or col2im:
+        plain_dk = (_on("plain_kernel_grads") and plain and rhs_dil == (1, 1)
+                    and TAP_SUM_MAX_CHANNELS < rhs.shape[2] <= PLAIN_KERNEL_GRAD_MAX_CHANNELS)
+        if tap_sum or sliced or col2im or plain_dk:
             return _cpu_conv(lhs, rhs, _ConvArgs(strides, pads, lhs_dil, rhs_dil, feature_group_count,
-                                                 kw.get("precision"), tap_sum, sliced, col2im))
+                                                 kw.get("precision"), tap_sum, sliced, col2im, plain_dk))
     return jax.lax.conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation,
                                         dimension_numbers, feature_group_count, **kw)
 
@@ -233,20 +237,27 @@ def _loop_conv_bwd(padding: tuple[tuple[int, int], ...], sliced: bool, res: tupl
     kt = jnp.transpose(jnp.flip(k, (0, 1)), (0, 1, 3, 2))
     dx = jax.lax.conv_general_dilated(g, kt, (1, 1), ((kh - 1 - pt, kh - 1 - pb), (kw - 1 - pl, kw - 1 - pr)),
                                       dimension_numbers=_NHWC)
-    # kernel gradient: per slice of the batch (_grad_slices, when ``sliced``: the sliced_kernel_grads
-    # speed-up), the correlation of the padded input
-    # with the output gradient written as a plain NHWC conv (input channels as its batch, images
-    # as its features), which XLA:CPU runs well inside a loop body, unlike its own gradient form.
-    # Scans of four 3x3 convs on 128 images (gradients, interleaved): 16->16 on 32x32 236-307 ->
-    # 161-191 ms, 32->32 on 16x16 133-143 -> 123-142, 64->64 on 8x8 134-140 -> 111-121 against
-    # one matrix product per tap of the whole batch (the previous form); unsliced, 442, 280, 193.
+    return dx, _plain_kernel_grad(x, g, padding, sliced)
+
+
+def _plain_kernel_grad(x: Array, g: Array, padding: tuple[tuple[int, int], ...], sliced: bool) -> Array:
+    """The kernel gradient (HWIO) of a stride-1 NHWC conv: per slice of the batch (_grad_slices,
+    when ``sliced``), the correlation of the padded input with the output gradient written as a
+    plain NHWC conv, input channels as its batch and images as its features.
+
+    XLA:CPU runs this form well inside a loop body, unlike its own gradient form. Scans of four
+    3x3 convs on 128 images (gradients, interleaved): 16->16 on 32x32 236-307 -> 161-191 ms,
+    32->32 on 16x16 133-143 -> 123-142, 64->64 on 8x8 134-140 -> 111-121 against one matrix
+    product per tap of the whole batch (the previous form); unsliced, 442, 280, 193. Outside
+    loops, see PLAIN_KERNEL_GRAD_MAX_CHANNELS.
+    """
     xp = jnp.pad(x, ((0, 0), *padding, (0, 0)))
     edges = _grad_slices(x, g) if sliced else [0, x.shape[0]]
     dk = functools.reduce(jnp.add, (
         jax.lax.conv_general_dilated(jnp.transpose(xp[a:b], (3, 1, 2, 0)), jnp.transpose(g[a:b], (1, 2, 0, 3)),
                                      (1, 1), "VALID", dimension_numbers=_NHWC)  # (ci, kh, kw, co)
         for a, b in zip(edges, edges[1:])))
-    return dx, jnp.transpose(dk, (1, 2, 0, 3))
+    return jnp.transpose(dk, (1, 2, 0, 3))
 
 
 _loop_conv.defvjp(_loop_conv_fwd, _loop_conv_bwd)
@@ -275,6 +286,16 @@ COL2IM_MAX_CHANNELS = 8
 # (block 1 at 16x16 keeps XLA's) 1.06x; resnet20 (its 8x8 stage takes it) 1.00x; every conv of
 # any size taking it: densenet121 at 64x64 1.06x, resnet20 0.99x (2026-11-23).
 COL2IM_MAX_PIXELS = 64  # output pixels per image
+# Outside loops too, the kernel gradient of a stride-1 conv of a few input channels is faster as
+# _plain_kernel_grad (sliced alike) than as XLA's own gradient conv over the same slices, which
+# first copies each slice transposed (in net_dropout each copy also recomputes the max pool and
+# dropout before it: 0.5-0.8 ms apiece). Per step, median of alternating rounds of 10 steps
+# (2026-11-23): net_width (conv2 32->16 on 16x16) 1.12x (IQR 1.07-1.18, faster in 92% of 12),
+# net_batchnorm 1.10x (1.06-1.18, 92% of 12), net_dropout 1.09x (1.04-1.13, 92% of 24), net
+# (16->8) 1.03x (0.98-1.06, 62% of 24), lenet (5x5 6->16) 1.03x; resnet20 (its unscanned 16- and
+# 32-channel convs) 0.99x. DenseNet's 128->32 lose (0.90x), and so do the first convs of 3
+# channels (net with them: 0.75x), hence 4-32 channels.
+PLAIN_KERNEL_GRAD_MAX_CHANNELS = 32
 
 
 def _tap_sum(x: Array, k: Array, padding: tuple[tuple[int, int], ...], dilation: tuple[int, int]) -> Array:
@@ -327,6 +348,7 @@ class _ConvArgs(NamedTuple):
     tap_sum: bool  # forward as _tap_sum (stride 1, groups 1, no input dilation)
     sliced: bool  # kernel gradient summed over _slice_edges slices of the batch
     col2im: bool  # input gradient as _col2im_dx (stride 1, groups 1, no input dilation)
+    plain_dk: bool = False  # kernel gradient as _plain_kernel_grad (stride 1, groups 1, no dilation)
 
 
 def _lax_conv(x: Array, k: Array, a: _ConvArgs) -> Array:
@@ -351,6 +373,8 @@ def _cpu_conv_bwd(a: _ConvArgs, res: tuple[Array, Array], g: Array) -> tuple[Arr
         dx = _col2im_dx(g, k, x.shape, a.padding, a.rhs_dilation)
     else:
         dx = jax.vjp(lambda v: _lax_conv(v, k, a), x)[1](g)[0]
+    if a.plain_dk:
+        return dx, _plain_kernel_grad(x, g, a.padding, a.sliced)
     edges = _grad_slices(x, g) if a.sliced else [0, x.shape[0]]
     dk = functools.reduce(jnp.add, (jax.vjp(lambda w, s=s, e=e: _lax_conv(x[s:e], w, a), k)[1](g[s:e])[0]
                                     for s, e in zip(edges, edges[1:])))

@@ -119,12 +119,12 @@ def test_pointwise_conv_is_a_dot_equal_to_lax_conv_with_its_gradients(strides, m
     assert dots == []  # padded: XLA's conv
 
 
-def _conv_forms(monkeypatch) -> list[tuple[tuple[int, ...], bool, bool, bool]]:
-    """Record (kernel shape, tap_sum, sliced, col2im) of every ``_cpu_conv`` traced from now on."""
+def _conv_forms(monkeypatch) -> list[tuple[tuple[int, ...], bool, bool, bool, bool]]:
+    """Record (kernel shape, tap_sum, sliced, col2im, plain_dk) of every ``_cpu_conv`` traced from now on."""
     calls = []
     real = layers._cpu_conv
     monkeypatch.setattr(layers, "_cpu_conv", lambda x, k, a: calls.append(
-        (k.shape, a.tap_sum, a.sliced, a.col2im)) or real(x, k, a))
+        (k.shape, a.tap_sum, a.sliced, a.col2im, a.plain_dk)) or real(x, k, a))
     return calls
 
 
@@ -136,10 +136,10 @@ def test_only_stride_1_convs_of_at_most_3_channels_take_the_tap_sum(monkeypatch)
     flaxnets.create("densenet121_se", num_classes=2, seed=0).features.conv0(jnp.zeros((2, 32, 32, 3)))
     cpu = jax.default_backend() == "cpu"
     # not DenseNet's conv0 (stride 2); net's and resnet20's batch of 2 is too small to slice
-    assert [(shape, sliced) for shape, tap_sum, sliced, _ in calls if tap_sum] == (
+    assert [(shape, sliced) for shape, tap_sum, sliced, *_ in calls if tap_sum] == (
         [((5, 5, 1, 6), True), ((3, 3, 3, 16), False), ((3, 3, 3, 16), False)] if cpu else [])
     calls.clear()
-    with layers.without("tap_sum_convs", "col2im_input_grads"):
+    with layers.without("tap_sum_convs", "col2im_input_grads", "plain_kernel_grads"):
         flaxnets.create("net", seed=0)(jnp.zeros((2, 32, 32, 3)))
     assert calls == []  # and batch 2 is too small to slice
 
@@ -149,21 +149,21 @@ def test_only_convs_of_at_most_8_input_channels_or_8x8_outputs_take_the_col2im_i
     flaxnets.create("lenet", seed=0)(jnp.zeros((4, 28, 28, 1)))  # 1->6 (an image: unused), 6->16
     flaxnets.create("net", seed=0)(jnp.zeros((4, 32, 32, 3)))  # 3->16, then 16->8
     cpu = jax.default_backend() == "cpu"
-    assert [(shape, col2im) for shape, _, _, col2im in calls] == (
+    assert [(shape, col2im) for shape, _, _, col2im, _ in calls] == (
         [((5, 5, 1, 6), True), ((5, 5, 6, 16), True), ((3, 3, 3, 16), True), ((3, 3, 16, 8), False)]
         if cpu else [])
     calls.clear()
     with unrolled_stacks():
         flaxnets.create("resnet20", seed=0)(jnp.zeros((4, 32, 32, 3)))
     # the RGB conv, and stage 3's stride-1 convs on 8x8 (not its stride-2 first one)
-    assert [(shape, col2im) for shape, _, _, col2im in calls] == (
+    assert [(shape, col2im) for shape, _, _, col2im, _ in calls] == (
         [((3, 3, 3, 16), True)] + [((3, 3, 16, 16), False)] * 6 + [((3, 3, 16, 32), False)]
         + [((3, 3, 32, 32), False)] * 5 + [((3, 3, 32, 64), False)] + [((3, 3, 64, 64), True)] * 5
         if cpu else [])
     calls.clear()
     with layers.without("col2im_input_grads"):
         flaxnets.create("lenet", seed=0)(jnp.zeros((4, 28, 28, 1)))
-    assert [col2im for *_, col2im in calls] == ([False, False] if cpu else [])
+    assert [col2im for *_, col2im, _ in calls] == ([False, False] if cpu else [])
 
 
 @pytest.mark.parametrize("shape,kernel,padding,dilation", [
@@ -184,6 +184,45 @@ def test_col2im_input_gradient_equals_xlas(shape, kernel, padding, dilation):
     np.testing.assert_array_equal(dk, want_dk)
 
 
+@pytest.mark.parametrize("n,kernel,padding,sliced", [
+    (9, (3, 3, 16, 8), ((1, 1), (1, 1)), True),  # net's conv2, in 4 slices
+    (5, (5, 5, 6, 16), ((0, 0), (0, 0)), False),  # LeNet's conv2
+    (6, (3, 2, 4, 5), ((2, 0), (1, 3)), True),
+])
+def test_plain_kernel_gradient_equals_xlas(n, kernel, padding, sliced, monkeypatch):
+    monkeypatch.setattr(layers, "SLICE_BYTES", 1)  # slices of MIN_SLICE images
+    used = []
+    real = layers._plain_kernel_grad
+    monkeypatch.setattr(layers, "_plain_kernel_grad", lambda *a: used.append(a[3]) or real(*a))
+    kx, kk, kg = jax.random.split(jax.random.key(0), 3)
+    x, k = jax.random.normal(kx, (n, 12, 11, kernel[2])), jax.random.normal(kk, kernel)
+    args = layers._ConvArgs((1, 1), padding, (1, 1), (1, 1), 1, None, tap_sum=False, sliced=sliced,
+                            col2im=False, plain_dk=True)
+
+    (got, dx, dk), (want, want_dx, want_dk) = _against_lax(x, k, args, kg)
+    assert used == [sliced]
+    np.testing.assert_array_equal(got, want)  # the forward and input gradient are XLA's own
+    np.testing.assert_array_equal(dx, want_dx)
+    assert dk.shape == k.shape
+    np.testing.assert_allclose(dk, want_dk, rtol=1e-5, atol=1e-4)  # summed in another order
+
+
+def test_only_stride_1_convs_of_4_to_32_input_channels_take_the_plain_kernel_gradient(monkeypatch):
+    calls = _conv_forms(monkeypatch)
+    flaxnets.create("lenet", seed=0)(jnp.zeros((4, 28, 28, 1)))
+    flaxnets.create("net", seed=0)(jnp.zeros((4, 32, 32, 3)))
+    with unrolled_stacks():
+        flaxnets.create("resnet20", seed=0)(jnp.zeros((4, 32, 32, 3)))
+    plain = [shape for shape, *_, plain_dk in calls if plain_dk]
+    # not the first convs (tap sums of 1-3 channels), the stride-2 ones nor the 64-channel stage
+    assert plain == ([(5, 5, 6, 16), (3, 3, 16, 8)] + [(3, 3, 16, 16)] * 6 + [(3, 3, 32, 32)] * 5
+                     if jax.default_backend() == "cpu" else [])
+    calls.clear()
+    with layers.without("plain_kernel_grads"):
+        flaxnets.create("net", seed=0)(jnp.zeros((4, 32, 32, 3)))
+    assert not any(plain_dk for *_, plain_dk in calls)
+
+
 def test_slices_fill_the_budget_within_their_limits():
     budget = layers.SLICE_BYTES
     assert layers._slice_edges(256, budget // 16) == list(range(0, 257, 16))  # 16 images a slice
@@ -202,16 +241,17 @@ def test_convs_with_spatial_kernels_take_the_sliced_gradient_on_the_cpu(monkeypa
     kernels = [m.kernel.shape for _, m in nnx.iter_modules(model) if isinstance(m, nnx.Conv)]
     assert {k[:2] for k in kernels} == {(3, 3), (1, 1)}
     spatial = sorted(k for k in kernels if k[:2] == (3, 3))  # conv1 (RGB) too, after its tap sum
-    assert sorted(shape for shape, _, sliced, _ in forms if sliced) == (
+    assert sorted(shape for shape, _, sliced, *_ in forms if sliced) == (
         spatial if jax.default_backend() == "cpu" else [])
     forms.clear()
     with unrolled_stacks():
         model(jnp.zeros((3, 32, 32, 3)))  # fewer than two slices of MIN_SLICE images: not split
         with layers.without("sliced_kernel_grads"):
             model(jnp.zeros((4, 32, 32, 3)))
-    # the RGB conv's tap sum, and the 8x8 stage's col2im input gradients (no slices either way)
-    assert len(forms) == (2 * (1 + 5) if jax.default_backend() == "cpu" else 0)  # per pass
-    assert not any(sliced for _, _, sliced, _ in forms)
+    # the RGB conv's tap sum, the 8x8 stage's col2im input gradients and the stride-1 16- and
+    # 32-channel convs' plain kernel gradients (no slices either way)
+    assert len(forms) == (2 * (1 + 5 + 11) if jax.default_backend() == "cpu" else 0)  # per pass
+    assert not any(sliced for _, _, sliced, *_ in forms)
 
 
 def _loss_and_state(model: nnx.Module, x: jax.Array, y: jax.Array, unrolled: bool):

@@ -287,14 +287,14 @@ COL2IM_MAX_CHANNELS = 8
 # any size taking it: densenet121 at 64x64 1.06x, resnet20 0.99x (2026-11-23).
 COL2IM_MAX_PIXELS = 64  # output pixels per image
 # Outside loops too, the kernel gradient of a stride-1 conv of a few input channels is faster as
-# _plain_kernel_grad (sliced alike) than as XLA's own gradient conv over the same slices, which
-# first copies each slice transposed (in net_dropout each copy also recomputes the max pool and
-# dropout before it: 0.5-0.8 ms apiece). Per step, median of alternating rounds of 10 steps
-# (2026-11-23): net_width (conv2 32->16 on 16x16) 1.12x (IQR 1.07-1.18, faster in 92% of 12),
-# net_batchnorm 1.10x (1.06-1.18, 92% of 12), net_dropout 1.09x (1.04-1.13, 92% of 24), net
-# (16->8) 1.03x (0.98-1.06, 62% of 24), lenet (5x5 6->16) 1.03x; resnet20 (its unscanned 16- and
-# 32-channel convs) 0.99x. DenseNet's 128->32 lose (0.90x), and so do the first convs of 3
-# channels (net with them: 0.75x), hence 4-32 channels.
+# _plain_kernel_grad (sliced alike) than as XLA's own gradient conv over the same slices (both
+# copy each slice transposed first; in net_dropout XLA's copies recompute the max pool and dropout,
+# 0.5-0.8 ms apiece; why its form is slower was not pinned down). Per step, median of alternating
+# rounds of 10 steps (2026-11-23), a patched engine (12-24 rounds) then the switch (16): net_width
+# (conv2 32->16 on 16x16) 1.12x / 1.09x, net_batchnorm 1.10x / 1.08x, net_dropout 1.09x / 1.10x,
+# net (16->8) 1.03x / 1.03x, lenet (5x5 6->16) 1.03x, dilated (dilated convs: untouched) 1.02x;
+# resnet20 (its unscanned 16- and 32-channel convs) 0.99x. DenseNet's 128->32 lose (0.90x), and
+# so do the first convs of 3 channels (net with them: 0.75x), hence 4-32 channels.
 PLAIN_KERNEL_GRAD_MAX_CHANNELS = 32
 
 

@@ -191,8 +191,8 @@ class Splits:
 # BatchNorm): net 1.13x (IQR 1.05-1.20, faster in 83% of 12 rounds of 10 steps), net_width
 # 1.10x (1.08-1.12, 90% of 10), net_dropout 1.17x (1.04-1.22, 75% of 12), net_batchnorm 1.30x
 # (1.25-1.46, 100% of 12); nothing for lenet 0.99x, dilated 0.97x, resnet20 0.99x, densenet121
-# 1.00x (2026-11-23). A preference, not a demand: capped at AVX2 (xla_cpu_max_isa) it compiles
-# to the same numbers.
+# 1.00x (2026-11-23). A preference, not a demand: capped at AVX2 (xla_cpu_max_isa) a small
+# function compiled with it gave the same numbers.
 _WIDE_VECTORS = {"xla_cpu_prefer_vector_width": 512}
 CPU_COMPILE_OPTIONS: dict[str, dict[str, Any]] = {
     "lenet": {"xla_cpu_experimental_ynn_fusion_type": ""},

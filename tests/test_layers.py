@@ -223,6 +223,42 @@ def test_only_stride_1_convs_of_4_to_32_input_channels_take_the_plain_kernel_gra
     assert not any(plain_dk for *_, plain_dk in calls)
 
 
+@pytest.mark.parametrize("dtype,tol", [(jnp.float64, 1e-12), (jnp.float32, 2e-5)])
+def test_written_out_batch_norm_backward_equals_autodiffs(dtype, tol):
+    def autodiff(x, scale, bias):
+        mean, var = layers._batch_stats(x)
+        return layers._normalised(x, mean, var, scale, bias, 1e-5), mean, var
+
+    with jax.enable_x64(dtype == jnp.float64):
+        ks = jax.random.split(jax.random.key(0), 6)
+        x = 3 * jax.random.normal(ks[0], (5, 4, 3, 7), dtype) + 1
+        scale, bias = jax.random.normal(ks[1], (7,), dtype), jax.random.normal(ks[2], (7,), dtype)
+        # cotangents of all three outputs: y, and the mean and variance (stop_gradient in the module)
+        cts = tuple(jax.random.normal(k, s, dtype) for k, s in zip(ks[3:], (x.shape, (7,), (7,))))
+        got, got_vjp = jax.vjp(lambda *a: layers._batch_norm(*a, 1e-5), x, scale, bias)
+        want, want_vjp = jax.vjp(autodiff, x, scale, bias)
+        for a, b in zip(got + got_vjp(cts), want + want_vjp(cts)):
+            assert a.dtype == dtype and a.shape == b.shape
+            np.testing.assert_allclose(a, b, rtol=tol, atol=tol)
+
+
+def test_only_training_batch_norms_of_32_or_more_channels_take_the_written_out_backward(monkeypatch):
+    channels = []
+    real = layers._batch_norm
+    monkeypatch.setattr(layers, "_batch_norm", lambda x, *a: channels.append(x.shape[-1]) or real(x, *a))
+    model = flaxnets.create("net_batchnorm", seed=0)  # BatchNorm of 32, then of 16 channels
+    x = jnp.zeros((4, 32, 32, 3))
+    model(x)
+    assert channels == ([32] if jax.default_backend() == "cpu" else [])
+    channels.clear()
+    model.eval()
+    model(x)  # running statistics: no batch statistics to differentiate
+    model.train()
+    with layers.without("batch_norm_grads"):
+        model(x)
+    assert channels == []
+
+
 def test_slices_fill_the_budget_within_their_limits():
     budget = layers.SLICE_BYTES
     assert layers._slice_edges(256, budget // 16) == list(range(0, 257, 16))  # 16 images a slice

@@ -524,9 +524,10 @@ def _normalised(x: Array, mean: Array, var: Array, scale: Array, bias: Array, ep
 # three passes. Per step, median of alternating rounds (2026-11-23): net_batchnorm 1.14-1.17x
 # with it on its 32-channel BatchNorm (16 and 20 rounds; the switch, 16 rounds: 1.18x), resnet20
 # 1.06x (IQR 1.03-1.14, 10 rounds of 3 steps; the switch: 1.02x; 1.075x with its 16-channel ones
-# too), densenet121 1.09x (1.02-1.13, 8 rounds). On net_batchnorm's 16-channel BatchNorm the step lost (0.71-0.78x), though on that
-# shape alone the written-out backward is 1.4x faster than autodiff: an interaction in XLA's
-# fusion, not pinned down. Hence from 32 channels.
+# too), densenet121 1.09x (1.02-1.13, 8 rounds; the switch, 10 rounds: 1.03x). On net_batchnorm's
+# 16-channel BatchNorm the step lost (0.71-0.78x), though on that shape alone the written-out
+# backward is 1.4x faster than autodiff: an interaction in XLA's fusion, not pinned down. Hence
+# from 32 channels.
 BATCH_NORM_GRAD_MIN_CHANNELS = 32
 
 

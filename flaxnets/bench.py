@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import gzip
 import json
+import math
 import os
 import platform
 import signal
@@ -47,6 +48,14 @@ TRAIN_OVER_FORWARD = 3  # backward ~ 2x forward (gradients of inputs and of weig
 DEFAULT_BATCH = {"resnet56": 64, "resnet110": 32, "resnet1202": 8, "densenet121": 16,
                  "densenet169": 16, "densenet201": 16, "densenet121_se": 16}
 DEFAULT_IMAGE = 32  # side of the square input of the any-size nets (the DenseNets)
+# A timed round trains a variant this long, back to back. With one 3-step epoch per round (the
+# earlier rounds) JAX's first steps after torch's ran slower, and short epochs were mostly those.
+# JAX / torch-CL (2026-12-02): the default run with one 3-step epoch per round said lenet 0.94x,
+# dilated 0.83x, net_batchnorm 0.67x; the same engines in rounds of one 30-step epoch 1.07x,
+# 1.05x, 0.90x. Training runs its steps back to back for seconds to minutes per epoch. The
+# default run took 222 s with 0.5 s rounds, 227 s with single epochs: the deep nets' rounds
+# were longer than that already, and they take most of the time.
+ROUND_SECONDS = 0.5
 DEFAULT_COMPILE = ("lenet",)  # a cold torch.compile took 1-2 minutes per net here, under load
 # The default run keeps one net per kernel mix for the same budget, JAX compilation being most of
 # it (wall time of a JaxEngine build, measured: densenet121 68-120 s, densenet169 143 s,
@@ -207,13 +216,24 @@ def _error(e: BaseException) -> str:
     return f"{type(e).__name__}: {first[:200]}"
 
 
+def epochs_per_round(warmup_seconds: list[float], round_seconds: float) -> int:
+    """Epochs each variant trains back to back in a timed round: enough that the fastest
+    variant's round lasts ``round_seconds`` (from its last warm-up epoch), at least one."""
+    fastest = min(warmup_seconds, default=0.0)
+    return max(1, math.ceil(round_seconds / fastest)) if fastest > 0 else 1
+
+
 def measure_case(case: Case, variants: tuple[str, ...] = VARIANTS, repeats: int = 3, warmup: int = 1,
                  compile_timeout: float | None = 120.0, seed: int = 0, without: tuple[str, ...] = (),
-                 log: Callable[[str], None] = lambda s: None) -> dict[str, Any]:
+                 round_seconds: float = 0.0, log: Callable[[str], None] = lambda s: None
+                 ) -> dict[str, Any]:
     """Time ``train_epoch`` of each variant's engine, interleaved (J, T, T-CL, TC, J, ...).
 
     The first ``warmup`` rounds are not counted; a variant that fails (or whose torch.compile
     epoch exceeds ``compile_timeout`` s) is reported with its status and dropped from the rounds.
+    A timed round trains ``epochs_per_round`` epochs of a variant back to back (``seconds`` holds
+    its time per epoch): the first steps after the other framework ran are slow (its threads
+    still spin, the caches hold its data), and a round of a few short epochs mostly measures that.
     """
     if warmup < 1:
         raise ValueError("at least one warm-up round: it is where torch.compile compiles")
@@ -240,19 +260,25 @@ def measure_case(case: Case, variants: tuple[str, ...] = VARIANTS, repeats: int 
         res[v]["build_seconds"] = time.perf_counter() - t0
         if v in ("jax", ABLATED):
             res[v]["compile_seconds"] = engines[v].compile_seconds  # train, eval, permutation
+    per_round, epoch = 1, 0
     for rnd in range(warmup + repeats):
+        if rnd == warmup:
+            per_round = epochs_per_round([res[v]["warmup_seconds"][-1] for v in engines], round_seconds)
+        epochs = 1 if rnd < warmup else per_round
         for v in list(engines):
             limit = compile_timeout if v == "torch_compile" and rnd == 0 else None
             try:
                 with time_limit(limit):
                     t0 = time.perf_counter()
-                    engines[v].train_epoch(rnd)
-                    dt = time.perf_counter() - t0
+                    for ep in range(epoch, epoch + epochs):
+                        engines[v].train_epoch(ep)
+                    dt = (time.perf_counter() - t0) / epochs
             except Exception as e:
                 timeout = _cause(e, CompileTimeout)  # inductor re-raises it wrapped
                 drop(v, f"timeout: {timeout}" if timeout else f"failed: {_error(e)}")
                 continue
             res[v]["warmup_seconds" if rnd < warmup else "seconds"].append(dt)
+        epoch += epochs
     images = case.batch * case.steps
     for v, r in res.items():
         if r["status"] == "ok":
@@ -262,7 +288,7 @@ def measure_case(case: Case, variants: tuple[str, ...] = VARIANTS, repeats: int 
     if tc and tc["status"] == "ok":  # the first epoch minus a steady one
         tc["compile_seconds"] = max(0.0, tc["warmup_seconds"][0] - statistics.median(tc["seconds"]))
     return {"net": case.net, "batch": case.batch, "input": list(case.input_shape),
-            "steps": case.steps, "variants": res}
+            "steps": case.steps, "epochs_per_round": per_round, "variants": res}
 
 
 def summarise(row: dict[str, Any], peak_flops: float) -> dict[str, Any]:
@@ -512,6 +538,16 @@ def _cell(r: dict[str, Any]) -> str:
     return r["status"].split(":")[0]  # 'failed' or 'timeout'
 
 
+def _round_text(report: dict[str, Any]) -> str:
+    """How long a timed round was: its epochs per net (reports before rounds had one)."""
+    per = {row["net"]: row.get("epochs_per_round", 1) for row in report["nets"]}
+    seconds = report["settings"].get("round_seconds", 0.0)
+    if set(per.values()) == {1}:
+        return "one epoch per variant"
+    return (f"≥ {seconds:g} s of back-to-back epochs per variant ("
+            + ", ".join(f"{net} {k}" for net, k in per.items()) + ")")
+
+
 def format_table(report: dict[str, Any]) -> str:
     """The markdown tables of a report: throughput per net, then the end-to-end runs."""
     heads = ["net", "batch", "input", *(f"{LABELS[v]} img/s" for v in VARIANTS),
@@ -534,9 +570,9 @@ def format_table(report: dict[str, Any]) -> str:
               f"torch {peak['torch']['flops'] / 1e9:.1f} GFLOP/s; % of peak = img/s × training FLOPs "
               f"per image / {peak['peak_flops'] / 1e9:.1f} GFLOP/s, training FLOPs ≈ "
               f"{TRAIN_OVER_FORWARD}× the forward pass's conv/linear multiply-adds × 2.",
-              f"Medians of {report['settings']['repeats']} interleaved repeats of "
+              f"Medians of {report['settings']['repeats']} interleaved rounds of "
               f"{report['settings']['steps']}-step epochs after {report['settings']['warmup']} "
-              f"warm-up; JAX ÷ PyTorch pairs the rounds: the median of the best-median eager "
+              f"warm-up, each round {_round_text(report)}; JAX ÷ PyTorch pairs the rounds: the median of the best-median eager "
               f"variant's time / JAX's in the same round; compile s: JAX engine build (train+eval "
               f"step, cold), torch.compile first epoch minus a steady one (torch's on-disk caches: warm after a first run). "
               f"{m['cpu']}, {m['cores']} cores, torch threads {m['torch_threads']}, load average "
@@ -596,6 +632,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=3, help="steps per timed epoch (default 3)")
     p.add_argument("--repeats", type=int, default=3, help="timed epochs per variant (default 3)")
     p.add_argument("--warmup", type=int, default=1, help="untimed epochs first (default 1, at least 1)")
+    p.add_argument("--round-seconds", type=float, default=ROUND_SECONDS,
+                   help="a timed round trains each variant for as many epochs back to back as make "
+                        f"the fastest one's last this long (default {ROUND_SECONDS}; 0: one epoch)")
     p.add_argument("--image", type=int, help=f"side of the DenseNets' input (default {DEFAULT_IMAGE})")
     p.add_argument("--compile-nets", nargs="+", default=list(DEFAULT_COMPILE),
                    help="nets also timed with torch.compile: names, 'all' or 'none' "
@@ -624,6 +663,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     for flag in ("steps", "repeats", "warmup", "torch_threads"):
         if getattr(args, flag) is not None and getattr(args, flag) < 1:
             p.error(f"--{flag.replace('_', '-')} must be at least 1")
+    if not args.round_seconds >= 0:
+        p.error("--round-seconds must be 0 or more")
     return args
 
 
@@ -645,7 +686,7 @@ def run(args: argparse.Namespace, log: Callable[[str], None] = lambda s: None) -
         variants = (VARIANTS if net in args.compile_nets else VARIANTS[:-1]) + ((ABLATED,) * bool(args.without))
         w0, c0 = time.perf_counter(), time.process_time()
         row = measure_case(case, variants, args.repeats, args.warmup, args.compile_timeout,
-                           without=tuple(args.without), log=log)
+                           without=tuple(args.without), round_seconds=args.round_seconds, log=log)
         row.update(wall_seconds=time.perf_counter() - w0, cpu_seconds=time.process_time() - c0)
         report["nets"].append(summarise(row, peak["peak_flops"]))
         log(f"  {net}: " + ", ".join(f"{LABELS[v]} {_cell(r)}" for v, r in row["variants"].items())

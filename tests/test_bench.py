@@ -65,6 +65,31 @@ def test_variants_are_interleaved_and_failures_reported_per_variant(monkeypatch)
 
 
 
+def test_a_timed_round_trains_back_to_back_epochs_as_long_as_asked(monkeypatch):
+    """A fake clock: each jax epoch takes 0.1 s, torch-CL's 0.3 s. Rounds of 0.25 s take
+    ceil(0.25 / 0.1) = 3 epochs of each variant in a row, numbered on; seconds are per epoch."""
+    clock = [0.0]
+    monkeypatch.setattr(bench.time, "perf_counter", lambda: clock[0])
+    calls = []
+
+    class Timed(FakeEngine):
+        def train_epoch(self, epoch):
+            clock[0] += {"jax": 0.1, "torch_cl": 0.3}[self.variant]
+            super().train_epoch(epoch)
+
+    monkeypatch.setattr(bench, "build_engine", lambda v, *a: Timed(v, calls))
+    case = bench.Case("lenet", 4, (28, 28, 1), 2)
+    row = bench.measure_case(case, ("jax", "torch_cl"), repeats=2, warmup=1, round_seconds=0.25)
+    assert row["epochs_per_round"] == 3
+    assert calls == [("jax", 0), ("torch_cl", 0), *[("jax", e) for e in (1, 2, 3)],
+                     *[("torch_cl", e) for e in (1, 2, 3)], *[("jax", e) for e in (4, 5, 6)],
+                     *[("torch_cl", e) for e in (4, 5, 6)]]
+    v = row["variants"]
+    assert v["jax"]["seconds"] == pytest.approx([0.1, 0.1]) and v["torch_cl"]["seconds"] == pytest.approx([0.3, 0.3])
+    assert v["jax"]["median_images_per_s"] == pytest.approx(8 / 0.1)
+    assert bench.epochs_per_round([0.3, 0.1], 0.0) == 1 and bench.epochs_per_round([2.0], 0.5) == 1
+
+
 def test_the_ablated_engine_is_traced_without_the_named_speedups(monkeypatch):
     from flaxnets import layers
 
@@ -118,7 +143,7 @@ def test_bench_script_prints_the_table_and_writes_bench_json(tmp_path):
     out = tmp_path / "bench.json"
     cmd = [sys.executable, "scripts/bench.py", "--nets", "net", "--batch", "16", "--steps", "2",
            "--repeats", "1", "--no-e2e", "--compile-nets", "none", "--peak-size", "256",
-           "--torch-threads", "1", "--out", str(out)]
+           "--torch-threads", "1", "--round-seconds", "0.05", "--out", str(out)]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
 
@@ -127,6 +152,7 @@ def test_bench_script_prints_the_table_and_writes_bench_json(tmp_path):
     assert report["machine"]["torch_threads"] == 1
     assert {"jax", "torch", "torchvision"} <= set(report["machine"]["versions"])
     assert report["e2e"] is None and report["settings"]["steps"] == 2
+    assert report["settings"]["round_seconds"] == 0.05
     peak = report["peak"]
     assert peak["peak_flops"] == max(peak["jax"]["flops"], peak["torch"]["flops"]) > 0
     (row,) = report["nets"]
@@ -150,6 +176,8 @@ def test_bench_script_prints_the_table_and_writes_bench_json(tmp_path):
     assert cells[2:4] == ["32×32×3", f"{ips['jax']:,.0f}"]
     assert cells[6] == "not run" and cells[7] == f"{row['jax_over_best_eager']:.2f}×"
     assert any(line.startswith("Peak FP32 matmul (256×256)") for line in lines)
+    k = row["epochs_per_round"]
+    assert k >= 1 and any(("one epoch per variant" if k == 1 else f"(net {k})") in line for line in lines)
 
 
 def test_torchvision_reads_the_prepared_fashion_mnist_root(tmp_path):

@@ -225,15 +225,16 @@ def epochs_per_round(warmup_seconds: list[float], round_seconds: float) -> int:
 
 def measure_case(case: Case, variants: tuple[str, ...] = VARIANTS, repeats: int = 3, warmup: int = 1,
                  compile_timeout: float | None = 120.0, seed: int = 0, without: tuple[str, ...] = (),
-                 round_seconds: float = 0.0, log: Callable[[str], None] = lambda s: None
-                 ) -> dict[str, Any]:
+                 round_seconds: float = 0.0, settle: int = 0,
+                 log: Callable[[str], None] = lambda s: None) -> dict[str, Any]:
     """Time ``train_epoch`` of each variant's engine, interleaved (J, T, T-CL, TC, J, ...).
 
     The first ``warmup`` rounds are not counted; a variant that fails (or whose torch.compile
     epoch exceeds ``compile_timeout`` s) is reported with its status and dropped from the rounds.
     A timed round trains ``epochs_per_round`` epochs of a variant back to back (``seconds`` holds
-    its time per epoch): the first steps after the other framework ran are slow (its threads
-    still spin, the caches hold its data), and a round of a few short epochs mostly measures that.
+    its time per epoch), after ``settle`` untimed ones: the first steps after another variant ran
+    are slow (its threads still spin, the caches hold its data), which training, running one
+    engine, never sees; a round of a few short epochs measured mostly that.
     """
     if warmup < 1:
         raise ValueError("at least one warm-up round: it is where torch.compile compiles")
@@ -264,11 +265,14 @@ def measure_case(case: Case, variants: tuple[str, ...] = VARIANTS, repeats: int 
     for rnd in range(warmup + repeats):
         if rnd == warmup:
             per_round = epochs_per_round([res[v]["warmup_seconds"][-1] for v in engines], round_seconds)
-        epochs = 1 if rnd < warmup else per_round
+        epochs, warm = (1, 0) if rnd < warmup else (per_round, settle)
+        epoch += warm
         for v in list(engines):
             limit = compile_timeout if v == "torch_compile" and rnd == 0 else None
             try:
                 with time_limit(limit):
+                    for ep in range(epoch - warm, epoch):
+                        engines[v].train_epoch(ep)
                     t0 = time.perf_counter()
                     for ep in range(epoch, epoch + epochs):
                         engines[v].train_epoch(ep)
@@ -572,7 +576,8 @@ def format_table(report: dict[str, Any]) -> str:
               f"{TRAIN_OVER_FORWARD}× the forward pass's conv/linear multiply-adds × 2.",
               f"Medians of {report['settings']['repeats']} interleaved rounds of "
               f"{report['settings']['steps']}-step epochs after {report['settings']['warmup']} "
-              f"warm-up, each round {_round_text(report)}; JAX ÷ PyTorch pairs the rounds: the median of the best-median eager "
+              f"warm-up, each round {_round_text(report)} after {report['settings'].get('settle', 0)} "
+              f"untimed; JAX ÷ PyTorch pairs the rounds: the median of the best-median eager "
               f"variant's time / JAX's in the same round; compile s: JAX engine build (train+eval "
               f"step, cold), torch.compile first epoch minus a steady one (torch's on-disk caches: warm after a first run). "
               f"{m['cpu']}, {m['cores']} cores, torch threads {m['torch_threads']}, load average "
@@ -635,6 +640,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--round-seconds", type=float, default=ROUND_SECONDS,
                    help="a timed round trains each variant for as many epochs back to back as make "
                         f"the fastest one's last this long (default {ROUND_SECONDS}; 0: one epoch)")
+    p.add_argument("--settle", type=int, default=1,
+                   help="untimed epochs of a variant before each of its timed rounds, so that the "
+                        "round starts as training does, not just after another variant (default 1)")
     p.add_argument("--image", type=int, help=f"side of the DenseNets' input (default {DEFAULT_IMAGE})")
     p.add_argument("--compile-nets", nargs="+", default=list(DEFAULT_COMPILE),
                    help="nets also timed with torch.compile: names, 'all' or 'none' "
@@ -663,8 +671,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     for flag in ("steps", "repeats", "warmup", "torch_threads"):
         if getattr(args, flag) is not None and getattr(args, flag) < 1:
             p.error(f"--{flag.replace('_', '-')} must be at least 1")
-    if not args.round_seconds >= 0:
-        p.error("--round-seconds must be 0 or more")
+    if not args.round_seconds >= 0 or args.settle < 0:
+        p.error(f"--{'round-seconds' if args.settle >= 0 else 'settle'} must be 0 or more")
     return args
 
 
@@ -686,7 +694,8 @@ def run(args: argparse.Namespace, log: Callable[[str], None] = lambda s: None) -
         variants = (VARIANTS if net in args.compile_nets else VARIANTS[:-1]) + ((ABLATED,) * bool(args.without))
         w0, c0 = time.perf_counter(), time.process_time()
         row = measure_case(case, variants, args.repeats, args.warmup, args.compile_timeout,
-                           without=tuple(args.without), round_seconds=args.round_seconds, log=log)
+                           without=tuple(args.without), round_seconds=args.round_seconds,
+                           settle=args.settle, log=log)
         row.update(wall_seconds=time.perf_counter() - w0, cpu_seconds=time.process_time() - c0)
         report["nets"].append(summarise(row, peak["peak_flops"]))
         log(f"  {net}: " + ", ".join(f"{LABELS[v]} {_cell(r)}" for v, r in row["variants"].items())

@@ -90,6 +90,28 @@ def test_a_timed_round_trains_back_to_back_epochs_as_long_as_asked(monkeypatch):
     assert bench.epochs_per_round([0.3, 0.1], 0.0) == 1 and bench.epochs_per_round([2.0], 0.5) == 1
 
 
+def test_settling_epochs_keep_the_switch_between_variants_out_of_the_timing(monkeypatch):
+    """A fake clock where a variant's first epoch after another variant ran costs 1 s more:
+    one untimed epoch per round leaves exactly the steady per-epoch times."""
+    clock, calls = [0.0], []
+
+    class Switching(FakeEngine):
+        def train_epoch(self, epoch):
+            clock[0] += 0.1 + (1.0 if calls and calls[-1][0] != self.variant else 0.0)
+            super().train_epoch(epoch)
+
+    monkeypatch.setattr(bench.time, "perf_counter", lambda: clock[0])
+    monkeypatch.setattr(bench, "build_engine", lambda v, *a: Switching(v, calls))
+    case = bench.Case("lenet", 4, (28, 28, 1), 2)
+    settled = bench.measure_case(case, ("jax", "torch_cl"), repeats=2, settle=1)
+    assert [c[1] for c in calls] == [0, 0, 1, 2, 1, 2, 3, 4, 3, 4]  # settle, timed; per variant
+    for v in settled["variants"].values():
+        assert v["seconds"] == pytest.approx([0.1, 0.1])
+    calls.clear()
+    unsettled = bench.measure_case(case, ("jax", "torch_cl"), repeats=2, settle=0)
+    assert unsettled["variants"]["jax"]["seconds"] == pytest.approx([1.1, 1.1])
+
+
 def test_the_ablated_engine_is_traced_without_the_named_speedups(monkeypatch):
     from flaxnets import layers
 
@@ -143,7 +165,7 @@ def test_bench_script_prints_the_table_and_writes_bench_json(tmp_path):
     out = tmp_path / "bench.json"
     cmd = [sys.executable, "scripts/bench.py", "--nets", "net", "--batch", "16", "--steps", "2",
            "--repeats", "1", "--no-e2e", "--compile-nets", "none", "--peak-size", "256",
-           "--torch-threads", "1", "--round-seconds", "0.05", "--out", str(out)]
+           "--torch-threads", "1", "--round-seconds", "0.05", "--settle", "1", "--out", str(out)]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
 
@@ -152,7 +174,7 @@ def test_bench_script_prints_the_table_and_writes_bench_json(tmp_path):
     assert report["machine"]["torch_threads"] == 1
     assert {"jax", "torch", "torchvision"} <= set(report["machine"]["versions"])
     assert report["e2e"] is None and report["settings"]["steps"] == 2
-    assert report["settings"]["round_seconds"] == 0.05
+    assert report["settings"]["round_seconds"] == 0.05 and report["settings"]["settle"] == 1
     peak = report["peak"]
     assert peak["peak_flops"] == max(peak["jax"]["flops"], peak["torch"]["flops"]) > 0
     (row,) = report["nets"]

@@ -48,13 +48,15 @@ TRAIN_OVER_FORWARD = 3  # backward ~ 2x forward (gradients of inputs and of weig
 DEFAULT_BATCH = {"resnet56": 64, "resnet110": 32, "resnet1202": 8, "densenet121": 16,
                  "densenet169": 16, "densenet201": 16, "densenet121_se": 16}
 DEFAULT_IMAGE = 32  # side of the square input of the any-size nets (the DenseNets)
-# A timed round trains a variant this long, back to back. With one 3-step epoch per round (the
-# earlier rounds) JAX's first steps after torch's ran slower, and short epochs were mostly those.
-# JAX / torch-CL (2026-12-02): the default run with one 3-step epoch per round said lenet 0.94x,
-# dilated 0.83x, net_batchnorm 0.67x; the same engines in rounds of one 30-step epoch 1.07x,
-# 1.05x, 0.90x. Training runs its steps back to back for seconds to minutes per epoch. The
-# default run took 222 s with 0.5 s rounds, 227 s with single epochs: the deep nets' rounds
-# were longer than that already, and they take most of the time.
+# A timed round trains a variant this long, back to back, after one untimed epoch (--settle).
+# With one 3-step epoch per round (the earlier rounds) JAX's first steps after torch's ran slower,
+# and short epochs were mostly those. JAX / torch-CL (2026-12-02): the default run with one 3-step
+# epoch per round said lenet 0.94x, dilated 0.83x, net_batchnorm 0.67x, densenet121 0.88x;
+# engines built as here, in rounds of one 30-step epoch, lenet 1.07x, dilated 1.05x,
+# net_batchnorm 0.90x. The default run with 0.5 s rounds: 1.01x, 1.09x, 0.71x, 0.97x; with a
+# settling epoch too, two runs: 1.02-1.05x, 1.02-1.08x, 1.00-1.07x, 1.15-1.28x. Training runs its
+# steps back to back for seconds to minutes per epoch. The default run took 227 s with single
+# epochs, 222 s with 0.5 s rounds, 272 s with the settling epochs as well.
 ROUND_SECONDS = 0.5
 DEFAULT_COMPILE = ("lenet",)  # a cold torch.compile took 1-2 minutes per net here, under load
 # The default run keeps one net per kernel mix for the same budget, JAX compilation being most of
@@ -671,8 +673,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     for flag in ("steps", "repeats", "warmup", "torch_threads"):
         if getattr(args, flag) is not None and getattr(args, flag) < 1:
             p.error(f"--{flag.replace('_', '-')} must be at least 1")
-    if not args.round_seconds >= 0 or args.settle < 0:
-        p.error(f"--{'round-seconds' if args.settle >= 0 else 'settle'} must be 0 or more")
+    if not args.round_seconds >= 0:  # also NaN
+        p.error("--round-seconds must be 0 or more")
+    if args.settle < 0:
+        p.error("--settle must be 0 or more")
     return args
 
 

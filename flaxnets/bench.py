@@ -268,15 +268,15 @@ def measure_case(case: Case, variants: tuple[str, ...] = VARIANTS, repeats: int 
         if rnd == warmup:
             per_round = epochs_per_round([res[v]["warmup_seconds"][-1] for v in engines], round_seconds)
         epochs, warm = (1, 0) if rnd < warmup else (per_round, settle)
-        epoch += warm
+        timed = epoch + warm  # every variant trains the same epoch numbers in a round
         for v in list(engines):
             limit = compile_timeout if v == "torch_compile" and rnd == 0 else None
             try:
                 with time_limit(limit):
-                    for ep in range(epoch - warm, epoch):
+                    for ep in range(epoch, timed):
                         engines[v].train_epoch(ep)
                     t0 = time.perf_counter()
-                    for ep in range(epoch, epoch + epochs):
+                    for ep in range(timed, timed + epochs):
                         engines[v].train_epoch(ep)
                     dt = (time.perf_counter() - t0) / epochs
             except Exception as e:
@@ -284,7 +284,7 @@ def measure_case(case: Case, variants: tuple[str, ...] = VARIANTS, repeats: int 
                 drop(v, f"timeout: {timeout}" if timeout else f"failed: {_error(e)}")
                 continue
             res[v]["warmup_seconds" if rnd < warmup else "seconds"].append(dt)
-        epoch += epochs
+        epoch = timed + epochs
     images = case.batch * case.steps
     for v, r in res.items():
         if r["status"] == "ok":

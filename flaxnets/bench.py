@@ -29,11 +29,11 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from flaxnets.layers import SPEEDUPS
+from flaxnets.xla_cpu.switch import SPEEDUPS
 from flaxnets.registry import get_spec, list_nets
 
 if TYPE_CHECKING:
-    from flaxnets.train import Splits
+    from flaxnets.fit import Splits
 
 ROOT = Path(__file__).resolve().parents[1]
 VARIANTS = ("jax", "torch", "torch_cl", "torch_compile")
@@ -79,7 +79,7 @@ class Case:
 
 def make_case(net: str, steps: int, batch: int | None = None, image: int | None = None) -> Case:
     """The benchmark case of ``net``: its default batch and input unless overridden."""
-    from flaxnets.train import recipe_for
+    from flaxnets.recipes import recipe_for
 
     spec = get_spec(net)
     h, w, c = spec.input_shape
@@ -90,7 +90,7 @@ def make_case(net: str, steps: int, batch: int | None = None, image: int | None 
 
 def synthetic_splits(case: Case, num_classes: int, seed: int = 0) -> Splits:
     """Random uint8 images and labels: ``steps`` full batches to train on, one image to test on."""
-    from flaxnets.train import Splits
+    from flaxnets.fit import Splits
 
     rng = np.random.default_rng(seed)
     n = case.batch * case.steps
@@ -187,14 +187,15 @@ def build_engine(variant: str, case: Case, splits: Splits, num_classes: int, see
                  without: tuple[str, ...] = ()) -> Any:
     """The training engine of ``variant`` for ``case``, exactly as ``fit`` would build it
     (``ABLATED``: the JAX engine traced without the speed-ups ``without``)."""
-    from flaxnets import layers
-    from flaxnets.train import JaxEngine, recipe_for
+    from flaxnets import xla_cpu
+    from flaxnets.engine import JaxEngine
+    from flaxnets.recipes import recipe_for
 
     recipe = recipe_for(case.net, batch_size=case.batch)
     if variant in ("jax", ABLATED):
-        with layers.without(*(without if variant == ABLATED else ())):  # its steps compile here
+        with xla_cpu.without(*(without if variant == ABLATED else ())):  # its steps compile here
             return JaxEngine(case.net, splits, num_classes, recipe, seed)
-    from torch_ref.train import TorchEngine
+    from torch_ref.engine import TorchEngine
 
     engine = TorchEngine(case.net, splits, num_classes, recipe, seed, channels_last=variant == "torch_cl")
     if variant == "torch_compile":

@@ -13,7 +13,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,14 +21,15 @@ import jax
 import numpy as np
 from flax import nnx, serialization
 
+from flaxnets.fit import CheckpointError
+from flaxnets.runs import atomic_write_bytes
+
 MAGIC = b"FLAXNETS"
 VERSION = 1
 SUFFIX = ".flax"
 _HEADER = len(MAGIC) + 1 + 32
 
 
-class CheckpointError(ValueError):
-    """A file that is not a readable flaxnets checkpoint, or one that does not fit the model."""
 
 
 @dataclass
@@ -41,33 +41,6 @@ class Checkpoint:
     model: dict[str, np.ndarray]  # dotted path -> array (params and batch statistics)
     train: dict[str, np.ndarray] | None = None  # flattened training state (optimiser, ...)
     meta: dict[str, Any] = field(default_factory=dict)  # JSON-able: epoch, metrics, config
-
-
-# --------------------------------------------------------------------------- atomic files
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
-    """Write ``data`` to ``path`` so that readers see the old file or the new one, never a part."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    try:  # make the rename itself durable
-        dfd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
-    except OSError:
-        pass
-    return path
 
 
 # --------------------------------------------------------------------------- pytree <-> flat dict

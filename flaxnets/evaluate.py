@@ -13,7 +13,8 @@ import numpy as np
 from flaxnets.data import IMAGE_SUFFIXES, load_dataset, load_image_folder
 from flaxnets.metrics import confusion_matrix
 from flaxnets.registry import check_image_shape, get_spec
-from flaxnets.train import IMAGENET_MEAN, IMAGENET_STD, make_splits, recipe_for
+from flaxnets.fit import make_splits
+from flaxnets.recipes import IMAGENET_MEAN, IMAGENET_STD, recipe_for
 
 # Files of a run directory that hold its final weights, in the order they are looked for.
 RUN_WEIGHTS = ("model.pt", "model.safetensors", "checkpoints/best.flax", "checkpoints/last.flax",

@@ -8,9 +8,12 @@ from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from flaxnets.layers import unrolled_stacks
+from flaxnets.summary import SummaryRow
 
 
 @contextlib.contextmanager
@@ -52,3 +55,47 @@ def record_outputs(classes: Iterable[type], paths: Mapping[int, str]) -> Iterato
 def count_params(model: nnx.Module) -> int:
     """Trainable parameters of a Flax model (its ``nnx.Param`` leaves); works on abstract models."""
     return int(sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param))))
+
+
+def model_summary(model: nnx.Module, input_shape: tuple[int, int, int]
+                  ) -> tuple[list[SummaryRow], int]:
+    """Rows (path, layer type, output shape, params) of the leaf layers, and the total params.
+
+    Output shapes come from one abstract forward pass (jax.eval_shape) in eval mode with the
+    leaf layer classes' ``__call__`` temporarily wrapped to record their outputs. ``model`` may
+    be abstract (``nnx.eval_shape(lambda: flaxnets.create(name))``), which skips the slow init.
+    """
+    mods = [(".".join(map(str, p)), m) for p, m in nnx.iter_modules(model)]
+    parents = {p.rsplit(".", 1)[0] if "." in p else "" for p, _ in mods if p}
+    where: dict[int, str] = {}  # id of a module of the traced copy -> its path
+
+    def forward(state: nnx.State, x: jax.Array) -> jax.Array:
+        traced = nnx.merge(graphdef, state)
+        where.update({id(m): ".".join(map(str, p)) for p, m in nnx.iter_modules(traced)})
+        return traced(x)
+
+    leaf_classes = {type(m) for p, m in mods if p not in parents}
+    try:
+        model.eval()
+        graphdef, state = nnx.split(model)
+        with record_outputs(leaf_classes, where) as outputs:
+            jax.eval_shape(forward, state, jax.ShapeDtypeStruct((1, *input_shape), jnp.float32))
+    finally:
+        model.train()
+    shapes = {p: jax.tree.map(lambda t: tuple(t.shape), out) for p, out in outputs.items()}
+
+    def size(tree: Any) -> int:
+        return sum(int(np.prod(np.shape(v))) for v in jax.tree.leaves(tree))
+
+    rows = []
+    for p, m in mods:
+        if p in parents or not p:  # parents: only parameters they hold directly
+            own = size([v for v in vars(m).values() if isinstance(v, nnx.Param)])
+            if own:
+                rows.append((p or "(root)", type(m).__name__, "-", own))
+            continue
+        rows.append((p, type(m).__name__, str(shapes.get(p, "-")).replace(" ", ""),
+                     size(nnx.state(m, nnx.Param))))
+    order = {p: i for i, p in enumerate(shapes)}
+    rows.sort(key=lambda r: order.get(r[0], len(order)))  # forward-pass order; uncalled last
+    return rows, count_params(model)

@@ -29,6 +29,7 @@ from flax import nnx
 
 import flaxnets
 from flaxnets import checkpoint
+from flaxnets.runs import atomic_write_bytes
 from flaxnets.introspect import count_params
 from parity.convert import _as_numpy, load_state_dict, normalize_keys, to_numpy_state_dict
 from parity.torchfile import torch_save_bytes
@@ -353,7 +354,7 @@ def write_weights(path: str | os.PathLike, net: str, weights: nnx.Module | Mappi
             flaxnets.create_for_loading(net, num_classes=num_classes), sd, what=f"Flax {net}")
         return checkpoint.save_model(path, net, fmodel, num_classes, info)
     metadata = {"format": "pt", **{k: str(v) for k, v in info.items()}}  # "pt": what HF loaders expect
-    return checkpoint.atomic_write_bytes(path, _serialize(fmt, sd, metadata))
+    return atomic_write_bytes(path, _serialize(fmt, sd, metadata))
 
 
 # --------------------------------------------------------------------------- converting

@@ -34,7 +34,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--force", action="store_true", help="overwrite OUT if it exists")
     args = p.parse_args(argv)
 
-    from flaxnets.checkpoint import CheckpointError
+    from flaxnets.fit import CheckpointError
     from parity.convert import StateDictMismatchError
     from parity.files import FORMAT_NAMES, ConversionCheckError, WeightsFileError, convert_file
 

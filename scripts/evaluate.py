@@ -33,7 +33,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     from flaxnets import metrics, plots
-    from flaxnets.checkpoint import CheckpointError
+    from flaxnets.fit import CheckpointError
     from flaxnets.compile_cache import enable_compile_cache
 
     enable_compile_cache()

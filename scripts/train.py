@@ -177,8 +177,10 @@ def run(argv: list[str] | None) -> int:
         return 2
 
     from flaxnets.data import load_dataset
-    from flaxnets.train import (NonFiniteLossError, checkpoint_paths, fit, format_summary,
-                                recipe_for, write_json, write_metrics_csv, write_run)
+    from flaxnets.fit import NonFiniteLossError, checkpoint_paths, fit
+    from flaxnets.recipes import recipe_for
+    from flaxnets.runs import write_json, write_metrics_csv, write_run
+    from flaxnets.summary import format_summary
 
     recipe = recipe_for(name, **settings["overrides"])
     t0 = time.perf_counter()
@@ -204,12 +206,12 @@ def run(argv: list[str] | None) -> int:
         prepare_out(run_dir, 2 * one + 2 * one // (1 + slots) + DISK_SLACK_BYTES)  # last, best, 2 exports
 
     if backend == "jax":
-        from flaxnets.train import model_summary
+        from flaxnets.introspect import model_summary
 
         print(format_summary(name, *model_summary(abstract, data.image_shape)))
     else:
         import torch_ref
-        from torch_ref.train import model_summary as torch_summary
+        from torch_ref.introspect import model_summary as torch_summary
 
         print(format_summary(name, *torch_summary(torch_ref.create(name, data.num_classes),
                                                   data.image_shape)))
@@ -268,7 +270,7 @@ def run(argv: list[str] | None) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point: errors the user can fix are one line on stderr, never a traceback."""
-    from flaxnets.checkpoint import CheckpointError
+    from flaxnets.fit import CheckpointError
 
     try:
         return run(argv)

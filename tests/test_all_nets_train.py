@@ -20,7 +20,8 @@ from PIL import Image
 import flaxnets
 from flaxnets import data
 from flaxnets.data import Dataset, load_dataset
-from flaxnets.train import fit, recipe_for
+from flaxnets.fit import fit
+from flaxnets.recipes import recipe_for
 from tests.child import DEEP, call_in_child
 
 BATCH = 4

@@ -114,18 +114,19 @@ def test_settling_epochs_keep_the_switch_between_variants_out_of_the_timing(monk
 
 
 def test_the_ablated_engine_is_traced_without_the_named_speedups(monkeypatch):
-    from flaxnets import layers
+    from flaxnets import xla_cpu
+    from flaxnets.xla_cpu import pool
 
     pooled = []
-    real = layers._windows  # what a tiled max pool reshapes with
-    monkeypatch.setattr(layers, "_windows", lambda *a: pooled.append(1) or real(*a))
+    real = pool._windows  # what a tiled max pool reshapes with
+    monkeypatch.setattr(pool, "_windows", lambda *a: pooled.append(1) or real(*a))
     case = bench.make_case("net", steps=1, batch=8)
     splits = bench.synthetic_splits(case, 2)
     bench.build_engine("jax", case, splits, 2, 0, without=("tiled_pools",))  # ignored: not ABLATED
     assert pooled  # net's two 2x2 max pools, tiled on the CPU
     pooled.clear()
     engine = bench.build_engine(bench.ABLATED, case, splits, 2, 0, without=("tiled_pools",))
-    assert pooled == [] and layers._on("tiled_pools")  # traced without; switched back on after
+    assert pooled == [] and xla_cpu.speedup_on("tiled_pools")  # traced without; switched back on after
     engine.train_epoch(0)
     with pytest.raises(ValueError, match="unknown speed-up 'fast'; valid: scanned_stages"):
         bench.build_engine(bench.ABLATED, case, splits, 2, 0, without=("fast",))

@@ -11,15 +11,17 @@ import pytest
 from flax import nnx
 
 import flaxnets
-from flaxnets import layers
-from flaxnets.layers import BlockStack, _loop_conv, unrolled_stacks
+from flaxnets import functional, layers, xla_cpu
+from flaxnets.layers import BlockStack, unrolled_stacks
+from flaxnets.xla_cpu import batch_norm as xbn, conv as xconv
+from flaxnets.xla_cpu.conv import _loop_conv
 
 
 # batch 7 with a budget of 1 byte: the kernel gradient in 3 slices of 2-3 images when sliced
 @pytest.mark.parametrize("n,padding,sliced", [(3, ((1, 1), (1, 1)), True), (7, ((0, 0), (0, 0)), True),
                                               (7, ((2, 1), (0, 2)), True), (7, ((2, 1), (0, 2)), False)])
 def test_loop_conv_equals_lax_conv_with_its_gradients(n, padding, sliced, monkeypatch):
-    monkeypatch.setattr(layers, "SLICE_BYTES", 1)
+    monkeypatch.setattr(xconv, "SLICE_BYTES", 1)
     kx, kk, kg = jax.random.split(jax.random.key(0), 3)
     x = jax.random.normal(kx, (n, 9, 8, 5))
     k = jax.random.normal(kk, (3, 3, 5, 4))
@@ -37,7 +39,7 @@ def test_loop_conv_equals_lax_conv_with_its_gradients(n, padding, sliced, monkey
 
 
 
-def _against_lax(x: jax.Array, k: jax.Array, args: layers._ConvArgs, key: jax.Array, conv=None):
+def _against_lax(x: jax.Array, k: jax.Array, args: xconv._ConvArgs, key: jax.Array, conv=None):
     """``conv``'s (output, dx, dk) — ``_cpu_conv`` with ``args`` unless given — and
     ``lax.conv_general_dilated``'s, for one random output gradient."""
     def lax_conv(x, k):
@@ -46,7 +48,7 @@ def _against_lax(x: jax.Array, k: jax.Array, args: layers._ConvArgs, key: jax.Ar
                                             feature_group_count=args.groups)
 
     want, want_vjp = jax.vjp(lax_conv, x, k)
-    got, got_vjp = jax.vjp(conv or (lambda x, k: layers._cpu_conv(x, k, args)), x, k)
+    got, got_vjp = jax.vjp(conv or (lambda x, k: xconv._cpu_conv(x, k, args)), x, k)
     g = jax.random.normal(key, want.shape)
     return (got, *got_vjp(g)), (want, *want_vjp(g))
 
@@ -61,11 +63,11 @@ def _against_lax(x: jax.Array, k: jax.Array, args: layers._ConvArgs, key: jax.Ar
 ])
 def test_sliced_conv_equals_lax_conv_with_its_gradients(n, kernel, strides, padding, dilation, groups,
                                                          monkeypatch):
-    monkeypatch.setattr(layers, "SLICE_BYTES", 1)
+    monkeypatch.setattr(xconv, "SLICE_BYTES", 1)
     kx, kk, kg = jax.random.split(jax.random.key(0), 3)
     x = jax.random.normal(kx, (n, 11, 10, 4))
     k = jax.random.normal(kk, (*kernel, 4 // groups, 6))
-    args = layers._ConvArgs(strides, padding, (1, 1), dilation, groups, None, tap_sum=False, sliced=True,
+    args = xconv._ConvArgs(strides, padding, (1, 1), dilation, groups, None, tap_sum=False, sliced=True,
                             col2im=False)
 
     (got, dx, dk), (want, want_dx, want_dk) = _against_lax(x, k, args, kg)
@@ -82,11 +84,11 @@ def test_sliced_conv_equals_lax_conv_with_its_gradients(n, kernel, strides, padd
 ])
 def test_tap_sum_conv_equals_lax_conv_with_its_gradients(channels, kernel, padding, dilation, sliced,
                                                          monkeypatch):
-    monkeypatch.setattr(layers, "SLICE_BYTES", 1)  # 5 images: 2 slices when sliced
+    monkeypatch.setattr(xconv, "SLICE_BYTES", 1)  # 5 images: 2 slices when sliced
     kx, kk, kg = jax.random.split(jax.random.key(0), 3)
     x = jax.random.normal(kx, (5, 12, 9, channels))
     k = jax.random.normal(kk, (*kernel, channels, 7))
-    args = layers._ConvArgs((1, 1), padding, (1, 1), dilation, 1, None, tap_sum=True, sliced=sliced,
+    args = xconv._ConvArgs((1, 1), padding, (1, 1), dilation, 1, None, tap_sum=True, sliced=sliced,
                             col2im=False)
 
     (got, dx, dk), (want, want_dx, want_dk) = _against_lax(x, k, args, kg)
@@ -99,31 +101,31 @@ def test_tap_sum_conv_equals_lax_conv_with_its_gradients(channels, kernel, paddi
 @pytest.mark.parametrize("strides", [(1, 1), (2, 2), (2, 1)])
 def test_pointwise_conv_is_a_dot_equal_to_lax_conv_with_its_gradients(strides, monkeypatch):
     dots = []
-    real = layers._pointwise
-    monkeypatch.setattr(layers, "_pointwise", lambda *a: dots.append(1) or real(*a))
+    real = xconv._pointwise
+    monkeypatch.setattr(xconv, "_pointwise", lambda *a: dots.append(1) or real(*a))
     kx, kk, kg = jax.random.split(jax.random.key(0), 3)
     x = jax.random.normal(kx, (3, 9, 8, 12))
     k = jax.random.normal(kk, (1, 1, 12, 5))
     unpadded = ((0, 0), (0, 0))
-    args = layers._ConvArgs(strides, unpadded, (1, 1), (1, 1), 1, None, tap_sum=False, sliced=False,
+    args = xconv._ConvArgs(strides, unpadded, (1, 1), (1, 1), 1, None, tap_sum=False, sliced=False,
                             col2im=False)
 
-    got, want = _against_lax(x, k, args, kg, lambda x, k: layers.conv_general_dilated(
-        x, k, strides, unpadded, dimension_numbers=layers._NHWC))
+    got, want = _against_lax(x, k, args, kg, lambda x, k: xconv.conv_general_dilated(
+        x, k, strides, unpadded, dimension_numbers=xconv._NHWC))
     assert dots == ([1] if jax.default_backend() == "cpu" else [])
     for a, b in zip(got, want):
         assert a.shape == b.shape
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)  # summed in another order
     dots.clear()
-    layers.conv_general_dilated(x, k, strides, ((1, 1), (1, 1)), dimension_numbers=layers._NHWC)
+    xconv.conv_general_dilated(x, k, strides, ((1, 1), (1, 1)), dimension_numbers=xconv._NHWC)
     assert dots == []  # padded: XLA's conv
 
 
 def _conv_forms(monkeypatch) -> list[tuple[tuple[int, ...], bool, bool, bool, bool]]:
     """Record (kernel shape, tap_sum, sliced, col2im, plain_dk) of every ``_cpu_conv`` traced from now on."""
     calls = []
-    real = layers._cpu_conv
-    monkeypatch.setattr(layers, "_cpu_conv", lambda x, k, a: calls.append(
+    real = xconv._cpu_conv
+    monkeypatch.setattr(xconv, "_cpu_conv", lambda x, k, a: calls.append(
         (k.shape, a.tap_sum, a.sliced, a.col2im, a.plain_dk)) or real(x, k, a))
     return calls
 
@@ -139,7 +141,7 @@ def test_only_stride_1_convs_of_at_most_3_channels_take_the_tap_sum(monkeypatch)
     assert [(shape, sliced) for shape, tap_sum, sliced, *_ in calls if tap_sum] == (
         [((5, 5, 1, 6), True), ((3, 3, 3, 16), False), ((3, 3, 3, 16), False)] if cpu else [])
     calls.clear()
-    with layers.without("tap_sum_convs", "col2im_input_grads", "plain_kernel_grads"):
+    with xla_cpu.without("tap_sum_convs", "col2im_input_grads", "plain_kernel_grads"):
         flaxnets.create("net", seed=0)(jnp.zeros((2, 32, 32, 3)))
     assert calls == []  # and batch 2 is too small to slice
 
@@ -161,7 +163,7 @@ def test_only_convs_of_at_most_8_input_channels_or_8x8_outputs_take_the_col2im_i
         + [((3, 3, 32, 32), False)] * 5 + [((3, 3, 32, 64), False)] + [((3, 3, 64, 64), True)] * 5
         if cpu else [])
     calls.clear()
-    with layers.without("col2im_input_grads"):
+    with xla_cpu.without("col2im_input_grads"):
         flaxnets.create("lenet", seed=0)(jnp.zeros((4, 28, 28, 1)))
     assert [col2im for *_, col2im, _ in calls] == ([False, False] if cpu else [])
 
@@ -174,7 +176,7 @@ def test_only_convs_of_at_most_8_input_channels_or_8x8_outputs_take_the_col2im_i
 def test_col2im_input_gradient_equals_xlas(shape, kernel, padding, dilation):
     kx, kk, kg = jax.random.split(jax.random.key(0), 3)
     x, k = jax.random.normal(kx, shape), jax.random.normal(kk, kernel)
-    args = layers._ConvArgs((1, 1), padding, (1, 1), dilation, 1, None, tap_sum=False, sliced=False,
+    args = xconv._ConvArgs((1, 1), padding, (1, 1), dilation, 1, None, tap_sum=False, sliced=False,
                             col2im=True)
 
     (got, dx, dk), (want, want_dx, want_dk) = _against_lax(x, k, args, kg)
@@ -190,13 +192,13 @@ def test_col2im_input_gradient_equals_xlas(shape, kernel, padding, dilation):
     (6, (3, 2, 4, 5), ((2, 0), (1, 3)), True),
 ])
 def test_plain_kernel_gradient_equals_xlas(n, kernel, padding, sliced, monkeypatch):
-    monkeypatch.setattr(layers, "SLICE_BYTES", 1)  # slices of MIN_SLICE images
+    monkeypatch.setattr(xconv, "SLICE_BYTES", 1)  # slices of MIN_SLICE images
     used = []
-    real = layers._plain_kernel_grad
-    monkeypatch.setattr(layers, "_plain_kernel_grad", lambda *a: used.append(a[3]) or real(*a))
+    real = xconv._plain_kernel_grad
+    monkeypatch.setattr(xconv, "_plain_kernel_grad", lambda *a: used.append(a[3]) or real(*a))
     kx, kk, kg = jax.random.split(jax.random.key(0), 3)
     x, k = jax.random.normal(kx, (n, 12, 11, kernel[2])), jax.random.normal(kk, kernel)
-    args = layers._ConvArgs((1, 1), padding, (1, 1), (1, 1), 1, None, tap_sum=False, sliced=sliced,
+    args = xconv._ConvArgs((1, 1), padding, (1, 1), (1, 1), 1, None, tap_sum=False, sliced=sliced,
                             col2im=False, plain_dk=True)
 
     (got, dx, dk), (want, want_dx, want_dk) = _against_lax(x, k, args, kg)
@@ -218,7 +220,7 @@ def test_only_stride_1_convs_of_4_to_32_input_channels_take_the_plain_kernel_gra
     assert plain == ([(5, 5, 6, 16), (3, 3, 16, 8)] + [(3, 3, 16, 16)] * 6 + [(3, 3, 32, 32)] * 5
                      if jax.default_backend() == "cpu" else [])
     calls.clear()
-    with layers.without("plain_kernel_grads"):
+    with xla_cpu.without("plain_kernel_grads"):
         flaxnets.create("net", seed=0)(jnp.zeros((4, 32, 32, 3)))
     assert not any(plain_dk for *_, plain_dk in calls)
 
@@ -226,8 +228,8 @@ def test_only_stride_1_convs_of_4_to_32_input_channels_take_the_plain_kernel_gra
 @pytest.mark.parametrize("dtype,tol", [(jnp.float64, 1e-12), (jnp.float32, 2e-5)])
 def test_written_out_batch_norm_backward_equals_autodiffs(dtype, tol):
     def autodiff(x, scale, bias):
-        mean, var = layers._batch_stats(x)
-        return layers._normalised(x, mean, var, scale, bias, 1e-5), mean, var
+        mean, var = functional.batch_stats(x)
+        return functional.normalised(x, mean, var, scale, bias, 1e-5), mean, var
 
     with jax.enable_x64(dtype == jnp.float64):
         ks = jax.random.split(jax.random.key(0), 6)
@@ -235,7 +237,7 @@ def test_written_out_batch_norm_backward_equals_autodiffs(dtype, tol):
         scale, bias = jax.random.normal(ks[1], (7,), dtype), jax.random.normal(ks[2], (7,), dtype)
         # cotangents of all three outputs: y, and the mean and variance (stop_gradient in the module)
         cts = tuple(jax.random.normal(k, s, dtype) for k, s in zip(ks[3:], (x.shape, (7,), (7,))))
-        got, got_vjp = jax.vjp(lambda *a: layers._batch_norm(*a, 1e-5), x, scale, bias)
+        got, got_vjp = jax.vjp(lambda *a: xbn._batch_norm(*a, 1e-5), x, scale, bias)
         want, want_vjp = jax.vjp(autodiff, x, scale, bias)
         for a, b in zip(got + got_vjp(cts), want + want_vjp(cts)):
             assert a.dtype == dtype and a.shape == b.shape
@@ -244,8 +246,8 @@ def test_written_out_batch_norm_backward_equals_autodiffs(dtype, tol):
 
 def test_only_training_batch_norms_of_32_or_more_channels_take_the_written_out_backward(monkeypatch):
     channels = []
-    real = layers._batch_norm
-    monkeypatch.setattr(layers, "_batch_norm", lambda x, *a: channels.append(x.shape[-1]) or real(x, *a))
+    real = xbn._batch_norm
+    monkeypatch.setattr(xbn, "_batch_norm", lambda x, *a: channels.append(x.shape[-1]) or real(x, *a))
     model = flaxnets.create("net_batchnorm", seed=0)  # BatchNorm of 32, then of 16 channels
     x = jnp.zeros((4, 32, 32, 3))
     model(x)
@@ -254,19 +256,19 @@ def test_only_training_batch_norms_of_32_or_more_channels_take_the_written_out_b
     model.eval()
     model(x)  # running statistics: no batch statistics to differentiate
     model.train()
-    with layers.without("batch_norm_grads"):
+    with xla_cpu.without("batch_norm_grads"):
         model(x)
     assert channels == []
 
 
 def test_slices_fill_the_budget_within_their_limits():
-    budget = layers.SLICE_BYTES
-    assert layers._slice_edges(256, budget // 16) == list(range(0, 257, 16))  # 16 images a slice
-    assert layers._slice_edges(256, budget // 100) == [0, 85, 170, 256]  # 3 even slices of <= 100
-    assert layers._slice_edges(64, budget // 2)[:3] == [0, 4, 8]  # at most MAX_SLICES (16) ...
-    assert layers._slice_edges(16, 10 * budget) == list(range(0, 17, 2))  # ... of at least 2 images
-    assert layers._slice_edges(64, budget // 64) == [0, 64]  # the batch fits: one slice
-    assert layers._slice_edges(3, 10 * budget) == [0, 3]
+    budget = xconv.SLICE_BYTES
+    assert xconv._slice_edges(256, budget // 16) == list(range(0, 257, 16))  # 16 images a slice
+    assert xconv._slice_edges(256, budget // 100) == [0, 85, 170, 256]  # 3 even slices of <= 100
+    assert xconv._slice_edges(64, budget // 2)[:3] == [0, 4, 8]  # at most MAX_SLICES (16) ...
+    assert xconv._slice_edges(16, 10 * budget) == list(range(0, 17, 2))  # ... of at least 2 images
+    assert xconv._slice_edges(64, budget // 64) == [0, 64]  # the batch fits: one slice
+    assert xconv._slice_edges(3, 10 * budget) == [0, 3]
 
 
 def test_convs_with_spatial_kernels_take_the_sliced_gradient_on_the_cpu(monkeypatch):
@@ -282,7 +284,7 @@ def test_convs_with_spatial_kernels_take_the_sliced_gradient_on_the_cpu(monkeypa
     forms.clear()
     with unrolled_stacks():
         model(jnp.zeros((3, 32, 32, 3)))  # fewer than two slices of MIN_SLICE images: not split
-        with layers.without("sliced_kernel_grads"):
+        with xla_cpu.without("sliced_kernel_grads"):
             model(jnp.zeros((4, 32, 32, 3)))
     # the RGB conv's tap sum, the 8x8 stage's col2im input gradients and the stride-1 16- and
     # 32-channel convs' plain kernel gradients (no slices either way)
@@ -331,8 +333,8 @@ def test_scanned_stages_compute_what_unrolled_ones_do(train):
 
 def test_the_scan_uses_the_loop_conv_and_only_inside_it(monkeypatch):
     calls = []
-    real = layers._loop_conv
-    monkeypatch.setattr(layers, "_loop_conv", lambda *a: calls.append(a[3]) or real(*a))  # a[3]: sliced
+    real = xconv._loop_conv
+    monkeypatch.setattr(xconv, "_loop_conv", lambda *a: calls.append(a[3]) or real(*a))  # a[3]: sliced
     model = flaxnets.create("resnet32", seed=0)
     for _, m in nnx.iter_modules(model):
         if isinstance(m, BlockStack):
@@ -341,7 +343,7 @@ def test_the_scan_uses_the_loop_conv_and_only_inside_it(monkeypatch):
     cpu = jax.default_backend() == "cpu"
     assert calls == [True] * (2 * 3 if cpu else 0)  # two convs per block, traced once per stage
     calls.clear()
-    with layers.without("sliced_kernel_grads"):
+    with xla_cpu.without("sliced_kernel_grads"):
         model(jnp.zeros((1, 32, 32, 3)))
     assert calls == [False] * (2 * 3 if cpu else 0)
     calls.clear()
@@ -355,10 +357,10 @@ def test_the_scan_uses_the_loop_conv_and_only_inside_it(monkeypatch):
 def test_tiled_pooling_equals_reduce_window(kind, shape, k):
     x = jax.random.normal(jax.random.key(0), shape)
     g = jax.random.normal(jax.random.key(1), (shape[0], shape[1] // k, shape[2] // k, shape[3]))
-    assert layers._tiled(k, k, 0) == (jax.default_backend() == "cpu")
+    assert (xla_cpu.pool(x, kind, k, k, 0) is not None) == (jax.default_backend() == "cpu")
     got, got_vjp = jax.vjp(lambda x: layers.pool2d(x, kind, k), x)
-    with layers.without("tiled_pools"):
-        assert not layers._tiled(k, k, 0)
+    with xla_cpu.without("tiled_pools"):
+        assert xla_cpu.pool(x, kind, k, k, 0) is None
         want, want_vjp = jax.vjp(lambda x: layers.pool2d(x, kind, k), x)
     np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
     np.testing.assert_allclose(got_vjp(g)[0], want_vjp(g)[0], rtol=1e-6, atol=1e-6)

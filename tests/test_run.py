@@ -182,8 +182,8 @@ def test_ctrl_c_then_resume_is_bit_exact(full_run, idx_dir, tmp_path):
     """A real SIGINT during epoch 2: exit 130 with the resume command; resuming matches."""
     backend, full = full_run
     out = tmp_path / "run"
-    engine = ("from flaxnets.train import JaxEngine as E" if backend == "jax"
-              else "from torch_ref.train import TorchEngine as E")
+    engine = ("from flaxnets.engine import JaxEngine as E" if backend == "jax"
+              else "from torch_ref.engine import TorchEngine as E")
     interrupt = (f"{engine}\n"
                  "orig = E.train_epoch\n"
                  "def train_epoch(self, epoch, progress=None):\n"
@@ -208,8 +208,8 @@ def test_nan_loss_stops_with_step_and_keeps_last_good_checkpoint(backend, idx_di
     import jax.numpy as jnp
     import torch
 
-    from flaxnets.train import JaxEngine
-    from torch_ref.train import TorchEngine
+    from flaxnets.engine import JaxEngine
+    from torch_ref.engine import TorchEngine
 
     engine_cls = JaxEngine if backend == "jax" else TorchEngine
     orig = engine_cls.train_epoch
@@ -255,12 +255,12 @@ def test_resume_refuses_changed_settings_and_corrupt_checkpoints(full_run, tmp_p
 
 
 def test_unwritable_out_and_full_disk_fail_before_training(idx_dir, tmp_path, monkeypatch, capsys):
-    import flaxnets.train
+    import flaxnets.fit
 
     def no_training(*a, **k):
         raise AssertionError("training started")
 
-    monkeypatch.setattr(flaxnets.train, "fit", no_training)
+    monkeypatch.setattr(flaxnets.fit, "fit", no_training)
     blocker = tmp_path / "a-file"
     blocker.write_text("x")
     assert train_script.main(base_args(idx_dir, blocker / "run", "jax")) == 1

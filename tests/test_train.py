@@ -1,4 +1,4 @@
-"""flaxnets.train and scripts/train.py: recipes, the JAX engine, run directories, the CLI."""
+"""flaxnets.fit/engine/recipes and scripts/train.py: recipes, the JAX engine, run directories, the CLI."""
 
 from __future__ import annotations
 
@@ -17,8 +17,11 @@ from flax import nnx
 
 import flaxnets
 from flaxnets.data import Dataset, load_dataset, write_idx
-from flaxnets.train import (fit, make_optimizer, model_summary, preprocess, random_crop_flip,
-                            recipe_for, split_arrays, write_run)
+from flaxnets.engine import make_optimizer, preprocess, random_crop_flip
+from flaxnets.fit import fit, split_arrays
+from flaxnets.introspect import model_summary
+from flaxnets.recipes import recipe_for
+from flaxnets.runs import write_run
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
 import train as train_script  # noqa: E402  (scripts/train.py)
@@ -69,19 +72,20 @@ def test_per_net_cpu_compile_options_reach_the_compiled_steps(lenet_run):
     """lenet's steps compile without YNN library fusions (CPU_COMPILE_OPTIONS); the switch
     ``without('cpu_compile_options')`` and the nets without an entry keep XLA's defaults. Every
     entry is an option this XLA knows (it refuses unknown ones) and keeps the function."""
-    from flaxnets import layers
-    from flaxnets.train import CPU_COMPILE_OPTIONS, compile_options, make_engine, make_splits
+    from flaxnets import xla_cpu
+    from flaxnets.fit import make_engine, make_splits
+    from flaxnets.xla_cpu import CPU_COMPILE_OPTIONS, compile_options
 
-    assert compile_options("lenet") == CPU_COMPILE_OPTIONS["lenet"] and compile_options("resnet20") == {}
+    assert compile_options("lenet", "cpu") == CPU_COMPILE_OPTIONS["lenet"] and compile_options("resnet20", "cpu") == {}
     x = jnp.linspace(-3, 3, 999, dtype=jnp.float32)
     f = jax.jit(lambda v: jnp.tanh(v) @ v)
     for name in CPU_COMPILE_OPTIONS:
-        assert float(f.lower(x).compile(compile_options(name))(x)) == pytest.approx(float(f(x)), rel=1e-6)
+        assert float(f.lower(x).compile(compile_options(name, "cpu"))(x)) == pytest.approx(float(f(x)), rel=1e-6)
     engine = lenet_run.engine
     assert "__ynn_fusion" not in engine.train_fn.as_text()
     assert all("__ynn_fusion" not in f.as_text() for f in engine.eval_fns.values())
-    with layers.without("cpu_compile_options"):
-        assert compile_options("lenet") == {}
+    with xla_cpu.without("cpu_compile_options"):
+        assert compile_options("lenet", "cpu") == {}
         default = make_engine("jax", "lenet", make_splits(synthetic(n_train=64, n_test=32), LENET_RECIPE, 0),
                               4, LENET_RECIPE, 0)
     assert "__ynn_fusion" in default.train_fn.as_text()  # what the option takes away
@@ -162,7 +166,8 @@ def test_preprocess_and_augment():
 def test_a_partial_last_batch_is_trained_as_a_batch_of_its_own():
     """LeNet on 6 examples in batches of 4: the second step is the 2-example batch's own step
     (the padding the compiled step carries changes nothing), as the material's DataLoader."""
-    from flaxnets.train import JaxEngine, make_splits, train_step
+    from flaxnets.engine import JaxEngine, train_step
+    from flaxnets.fit import make_splits
 
     ds = synthetic(n_train=6, n_test=4)
     recipe = recipe_for("lenet", epochs=1, batch_size=4)
@@ -192,8 +197,8 @@ def test_a_partial_last_batch_is_trained_as_a_batch_of_its_own():
 
 
 def test_the_torch_engine_trains_a_partial_last_batch_too():
-    from flaxnets.train import make_splits
-    from torch_ref.train import TorchEngine
+    from flaxnets.fit import make_splits
+    from torch_ref.engine import TorchEngine
 
     ds = synthetic(n_train=6, n_test=4)
     recipe = recipe_for("lenet", epochs=1, batch_size=4)
@@ -206,7 +211,7 @@ def test_the_torch_engine_trains_a_partial_last_batch_too():
 
 
 def test_nets_with_batchnorm_drop_a_partial_last_batch():
-    from flaxnets.train import epoch_batches
+    from flaxnets.fit import epoch_batches
 
     assert epoch_batches("net_batchnorm", 10, 4) == (2, 8)
     assert epoch_batches("net", 10, 4) == (3, 10)
@@ -275,7 +280,7 @@ def test_real_fashion_mnist_subset(tmp_path, monkeypatch):
 def test_data_parallel_on_two_host_devices(tmp_path):
     """Two fake CPU devices: batches shard over the 'data' axis and match the 1-device result."""
     code = ("import sys, jax; sys.path.insert(0, 'tests'); from test_train import synthetic_rgb;"
-            "from flaxnets.train import fit, recipe_for;"
+            "from flaxnets.fit import fit; from flaxnets.recipes import recipe_for;"
             "r = fit('net_batchnorm', synthetic_rgb(), recipe_for('net_batchnorm', epochs=1, batch_size=32));"
             "print(len(jax.devices()), r.info['devices'], r.metrics[0]['train_loss'])")
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2",

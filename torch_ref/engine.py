@@ -1,6 +1,7 @@
-"""The PyTorch twin of the JAX engine: same recipe, data arrays, epoch loop and metrics.
+"""The PyTorch engine, twin of ``flaxnets.engine.JaxEngine``: same recipe, data arrays, epoch
+loop and metrics. Imports torch and the framework-neutral core, never JAX.
 
-``flaxnets.train.fit(..., backend="torch")`` drives a ``TorchEngine`` through the same epoch
+``flaxnets.fit.fit(..., backend="torch")`` drives a ``TorchEngine`` through the same epoch
 loop as the JAX one, so the two backends can be compared run for run. The data stays in memory
 as one uint8 tensor (no DataLoader of PIL images); each batch is gathered, scaled, augmented and
 normalised with tensor ops. Every epoch draws its permutation and augmentation from a generator
@@ -22,9 +23,9 @@ import torch
 import torch.nn.functional as F
 
 import torch_ref
-from flaxnets import checkpoint
-from flaxnets.train import (IMAGENET_MEAN, IMAGENET_STD, NAN_CHECK_EVERY, NonFiniteLossError, Recipe,
-                            Splits, epoch_batches, first_non_finite, lr_schedule)
+from flaxnets.fit import NAN_CHECK_EVERY, CheckpointError, NonFiniteLossError, Splits, epoch_batches, first_non_finite, lr_schedule
+from flaxnets.recipes import IMAGENET_MEAN, IMAGENET_STD, Recipe
+from flaxnets.runs import atomic_write_bytes
 
 FORMAT = "flaxnets-torch-train-state"
 
@@ -47,11 +48,11 @@ def random_crop_flip(x: torch.Tensor, gen: torch.Generator, pad: int = 4) -> tor
 
 
 class TorchEngine:
-    """Training state of one torch_ref net; the methods mirror ``flaxnets.train.JaxEngine``."""
+    """Training state of one torch_ref net; implements ``flaxnets.fit.Engine``."""
 
     backend = "torch"
-    suffix = ".pt"
     devices = 1
+    writes_files = True
     compile_seconds = 0.0
 
     def __init__(self, name: str, splits: Splits, num_classes: int, recipe: Recipe, seed: int,
@@ -150,18 +151,22 @@ class TorchEngine:
         buf = io.BytesIO()
         torch.save({"format": FORMAT, "net": self.name, "num_classes": self.num_classes,
                     "meta": json.dumps(meta, default=str), **snapshot}, buf)
-        return checkpoint.atomic_write_bytes(path, buf.getvalue())
+        return atomic_write_bytes(path, buf.getvalue())
+
+    def has_state(self, path: Path) -> bool:
+        """Whether ``path`` holds a checkpoint to resume from."""
+        return path.is_file()
 
     def load_state(self, path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
         """(snapshot, meta) from a file written by ``save_state`` for this net."""
         try:
             d = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as e:  # torch raises many types for truncated/corrupt zip files
-            raise checkpoint.CheckpointError(f"cannot read {path}: {e}") from None
+            raise CheckpointError(f"cannot read {path}: {e}") from None
         if not isinstance(d, dict) or d.get("format") != FORMAT:
-            raise checkpoint.CheckpointError(f"{path} is not a flaxnets torch training checkpoint")
+            raise CheckpointError(f"{path} is not a flaxnets torch training checkpoint")
         if d["net"] != self.name or d["num_classes"] != self.num_classes:
-            raise checkpoint.CheckpointError(
+            raise CheckpointError(
                 f"{path} is a checkpoint of {d['net']!r} with {d['num_classes']} classes, not "
                 f"{self.name!r} with {self.num_classes}")
         return {"model": d["model"], "optimizer": d["optimizer"]}, json.loads(d["meta"])
@@ -173,35 +178,3 @@ class TorchEngine:
     def torch_state_dict(self) -> dict[str, np.ndarray]:
         """The current weights as a state_dict of numpy arrays."""
         return {k: v.detach().cpu().numpy().copy() for k, v in self.model.state_dict().items()}
-
-
-def model_summary(model: torch.nn.Module, input_shape: tuple[int, int, int]
-                  ) -> tuple[list[tuple[str, str, str, int]], int]:
-    """Rows (path, layer type, output shape NCHW, params) of the leaf layers, and the total params.
-
-    The torch counterpart of ``flaxnets.train.model_summary`` (same rows, printed by the same
-    ``format_summary``): output shapes from forward hooks during one eval-mode call on zeros.
-    """
-    leaves = [(p, m) for p, m in model.named_modules() if p and not any(True for _ in m.children())]
-    shapes: dict[str, str] = {}
-    def record(path: str) -> Callable[..., None]:
-        def hook(mod: torch.nn.Module, inp: Any, out: torch.Tensor) -> None:  # None: output kept
-            shapes.setdefault(path, str(tuple(out.shape)).replace(" ", ""))
-        return hook
-
-    hooks = [m.register_forward_hook(record(p)) for p, m in leaves]
-    h, w, c = input_shape
-    was_training = model.training
-    try:
-        model.eval()
-        with torch.inference_mode():
-            model(torch.zeros(1, c, h, w))
-    finally:
-        for hk in hooks:
-            hk.remove()
-        model.train(was_training)
-    rows = [(p, type(m).__name__, shapes.get(p, "-"), sum(t.numel() for t in m.parameters()))
-            for p, m in leaves]
-    order = {p: i for i, p in enumerate(shapes)}
-    rows.sort(key=lambda r: order.get(r[0], len(order)))  # forward-pass order; uncalled last
-    return rows, sum(t.numel() for t in model.parameters() if t.requires_grad)

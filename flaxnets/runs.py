@@ -1,0 +1,74 @@
+"""Run directories: atomic files, config.json, metrics.csv and the run's pictures (no framework
+import)."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from flaxnets import metrics, plots
+from flaxnets.fit import FitResult
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
+    """Write ``data`` to ``path`` so that readers see the old file or the new one, never a part."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp creates 0600
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    try:  # make the rename itself durable
+        dfd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+    except OSError:
+        pass
+    return path
+
+
+def write_metrics_csv(path: str | Path, rows: list[dict[str, Any]]) -> Path:
+    """metrics.csv: one row per epoch, rewritten atomically after each epoch (nothing lost on a crash)."""
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=list(rows[0]), lineterminator="\n")
+    w.writeheader()
+    w.writerows(rows)
+    return atomic_write_bytes(path, buf.getvalue().encode())
+
+
+def write_json(path: str | Path, obj: dict[str, Any]) -> Path:
+    """Write ``obj`` as indented JSON, atomically."""
+    return atomic_write_bytes(path, (json.dumps(obj, indent=2, default=str) + "\n").encode())
+
+
+def write_run(run_dir: str | Path, config: dict[str, Any], result: FitResult) -> Path:
+    """Write the run's results: config.json (with the final metrics), metrics.csv, curves.png,
+    confusion_matrix.png, per_class.csv and samples.png (the first 32 test images)."""
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    cfg = dict(config, test_loss=result.test_loss, test_acc=result.test_acc,
+               compile_seconds=result.compile_seconds, class_names=result.class_names, **result.info)
+    write_json(run_dir / "config.json", cfg)
+    write_metrics_csv(run_dir / "metrics.csv", result.metrics)
+    plots.plot_curves(result.metrics, run_dir / "curves.png", best_epoch=result.info.get("best_epoch"))
+    plots.plot_confusion(result.confusion, result.class_names, run_dir / "confusion_matrix.png",
+                         title=f"test accuracy {result.test_acc:.4f}")
+    metrics.write_per_class(result.confusion, result.class_names, run_dir / "per_class.csv")
+    n = min(32, len(result.test_preds))
+    plots.plot_samples(result.test_images[:n], result.test_labels[:n], result.test_preds[:n],
+                       result.class_names, run_dir / "samples.png", n=n)
+    return run_dir

@@ -99,3 +99,9 @@ def model_summary(model: nnx.Module, input_shape: tuple[int, int, int]
     order = {p: i for i, p in enumerate(shapes)}
     rows.sort(key=lambda r: order.get(r[0], len(order)))  # forward-pass order; uncalled last
     return rows, count_params(model)
+
+
+def state_bytes(model: Any, optimizer_slots: int) -> int:
+    """Bytes of one training checkpoint of ``model`` (may be abstract): weights + optimiser slots."""
+    n = sum(v.size for v in jax.tree.leaves(nnx.state(model)))
+    return 4 * n * (1 + optimizer_slots)

@@ -7,12 +7,21 @@ import csv
 import io
 import json
 import os
+import platform
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
 
 from flaxnets import metrics, plots
 from flaxnets.fit import FitResult
+
+# Free space asked of a run directory beyond its checkpoints: pictures, csv files, and slack.
+DISK_SLACK_BYTES = 64 << 20
+
+
+class RunDirError(ValueError):
+    """A run directory that cannot be written, or a disk without room for the run's files."""
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
@@ -72,3 +81,31 @@ def write_run(run_dir: str | Path, config: dict[str, Any], result: FitResult) ->
     plots.plot_samples(result.test_images[:n], result.test_labels[:n], result.test_preds[:n],
                        result.class_names, run_dir / "samples.png", n=n)
     return run_dir
+
+
+def versions() -> dict[str, str]:
+    """Versions of Python and the frameworks, for config.json."""
+    import importlib.metadata as md
+
+    out = {"python": platform.python_version()}
+    for pkg in ("jax", "jaxlib", "flax", "optax", "torch", "numpy"):
+        try:
+            out[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            out[pkg] = "not installed"
+    return out
+
+
+def prepare_out(run_dir: Path, need_bytes: int) -> None:
+    """Create ``run_dir`` and prove it writable with enough free space, before any training."""
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        probe = run_dir / ".write-test"
+        probe.write_bytes(b"0")
+        probe.unlink()
+    except OSError as e:
+        raise RunDirError(f"cannot write to --out {run_dir}: {e.strerror or e}") from None
+    free = shutil.disk_usage(run_dir).free
+    if free < need_bytes:
+        raise RunDirError(f"not enough disk space in {run_dir}: {free / 2**20:,.0f} MiB free, "
+                       f"the run's checkpoints and exports need about {need_bytes / 2**20:,.0f} MiB")

@@ -6,11 +6,8 @@ python scripts/bench.py [--nets lenet resnet20] [--batch B] [--steps N] [--no-e2
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from flaxnets.bench import main  # noqa: E402
+from flaxnets.bench import main
 
 if __name__ == "__main__":
     sys.exit(main())

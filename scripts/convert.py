@@ -13,9 +13,7 @@ import argparse
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from flaxnets.registry import UnknownNetError, get_spec, list_nets  # noqa: E402
+from flaxnets.registry import UnknownNetError, get_spec, list_nets
 
 
 def _size(path: Path) -> str:

@@ -7,9 +7,7 @@ import sys
 from datetime import datetime
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from flaxnets.registry import UnknownNetError, get_spec, list_nets  # noqa: E402
+from flaxnets.registry import UnknownNetError, get_spec, list_nets
 
 
 def main(argv: list[str] | None = None) -> int:

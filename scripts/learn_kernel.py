@@ -4,11 +4,8 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from flaxnets.exercises import format_fit, learn_edge_kernel  # noqa: E402
+from flaxnets.exercises import format_fit, learn_edge_kernel
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -5,11 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from flaxnets.registry import UnknownNetError, get_spec, list_nets  # noqa: E402
+from flaxnets.registry import UnknownNetError, get_spec, list_nets
 
 
 def main(argv: list[str] | None = None) -> int:

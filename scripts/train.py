@@ -6,44 +6,31 @@ import argparse
 import dataclasses
 import json
 import os
-import platform
-import shutil
 import sys
 import time
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from tqdm import tqdm
 
-from flaxnets.registry import UnknownNetError, check_image_shape, get_spec, list_nets  # noqa: E402
+from flaxnets.registry import UnknownNetError, check_image_shape, get_spec, list_nets
 
-# Free space asked of --out beyond the estimate: pictures, csv files, and slack.
-DISK_SLACK_BYTES = 64 << 20
+def progress_bar(epochs: int) -> Any:
+    """``fit``'s progress callback: a tqdm bar per epoch on stderr, silent when not a terminal."""
+    bar: Any = None
 
-
-class ProgressBar:
-    """A one-line text progress bar on stderr, redrawn about 30 times per epoch; silent when
-    stderr is not a terminal (logs get the epoch lines, not thousands of redraws)."""
-
-    def __init__(self, epochs: int, width: int = 30, stream: Any = None):
-        self.epochs, self.width, self.last = epochs, width, -1
-        self.stream = stream or sys.stderr
-        self.enabled = hasattr(self.stream, "isatty") and self.stream.isatty()
-
-    def __call__(self, epoch: int, step: int, steps: int) -> None:
-        if not self.enabled:
-            return
-        filled = self.width * step // steps
-        if filled == self.last and step != steps:
-            return
-        self.last = filled
-        bar = "#" * filled + "." * (self.width - filled)
-        self.stream.write(f"\repoch {epoch + 1}/{self.epochs} [{bar}] {step}/{steps}")
+    def update(epoch: int, step: int, steps: int) -> None:
+        nonlocal bar
+        if bar is None:
+            bar = tqdm(total=steps, desc=f"epoch {epoch + 1}/{epochs}", unit="step", leave=False,
+                       disable=None, file=sys.stderr)  # disable=None: off when not a terminal
+        bar.update(step - bar.n)
         if step == steps:
-            self.stream.write("\r" + " " * (self.width + 40) + "\r")
-            self.last = -1
-        self.stream.flush()
+            bar.close()
+            bar = None
+
+    return update
 
 
 def epoch_line(row: dict, epochs: int) -> str:
@@ -57,43 +44,6 @@ def epoch_line(row: dict, epochs: int) -> str:
 
 class RunError(Exception):
     """A problem reported as one line on stderr with exit status 1."""
-
-
-def versions() -> dict[str, str]:
-    """Versions of Python and the frameworks, for config.json."""
-    import importlib.metadata as md
-
-    out = {"python": platform.python_version()}
-    for pkg in ("jax", "jaxlib", "flax", "optax", "torch", "numpy"):
-        try:
-            out[pkg] = md.version(pkg)
-        except md.PackageNotFoundError:
-            out[pkg] = "not installed"
-    return out
-
-
-def prepare_out(run_dir: Path, need_bytes: int) -> None:
-    """Create ``run_dir`` and prove it writable with enough free space, before any training."""
-    try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        probe = run_dir / ".write-test"
-        probe.write_bytes(b"0")
-        probe.unlink()
-    except OSError as e:
-        raise RunError(f"cannot write to --out {run_dir}: {e.strerror or e}") from None
-    free = shutil.disk_usage(run_dir).free
-    if free < need_bytes:
-        raise RunError(f"not enough disk space in {run_dir}: {free / 2**20:,.0f} MiB free, "
-                       f"the run's checkpoints and exports need about {need_bytes / 2**20:,.0f} MiB")
-
-
-def state_bytes(model: Any, optimizer_slots: int) -> int:
-    """Bytes of one training checkpoint of ``model`` (may be abstract): weights + optimiser slots."""
-    import jax
-    from flax import nnx
-
-    n = sum(v.size for v in jax.tree.leaves(nnx.state(model)))
-    return 4 * n * (1 + optimizer_slots)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -179,7 +129,8 @@ def run(argv: list[str] | None) -> int:
     from flaxnets.data import load_dataset
     from flaxnets.fit import NonFiniteLossError, checkpoint_paths, fit
     from flaxnets.recipes import recipe_for
-    from flaxnets.runs import write_json, write_metrics_csv, write_run
+    from flaxnets.introspect import state_bytes
+    from flaxnets.runs import DISK_SLACK_BYTES, prepare_out, versions, write_json, write_metrics_csv, write_run
     from flaxnets.summary import format_summary
 
     recipe = recipe_for(name, **settings["overrides"])
@@ -235,7 +186,7 @@ def run(argv: list[str] | None) -> int:
         print(epoch_line(row, recipe.epochs), flush=True)
 
     try:
-        result = fit(name, data, recipe, seed=seed, progress=ProgressBar(recipe.epochs),
+        result = fit(name, data, recipe, seed=seed, progress=progress_bar(recipe.epochs),
                      on_epoch=on_epoch, backend=backend, run_dir=run_dir, resume=bool(args.resume))
     except NonFiniteLossError as e:
         last = checkpoint_paths(run_dir, backend)["last"]

@@ -269,7 +269,7 @@ def test_unwritable_out_and_full_disk_fail_before_training(idx_dir, tmp_path, mo
     class Usage:
         free = 10 << 20
 
-    monkeypatch.setattr(train_script.shutil, "disk_usage", lambda p: Usage)
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: Usage)
     assert train_script.main(base_args(idx_dir, tmp_path / "run", "jax")) == 1
     err = capsys.readouterr().err
     assert err.startswith("error: not enough disk space") and "10 MiB free" in err

@@ -3,6 +3,7 @@ scanned ResNet stages) equals its blocks run one by one."""
 
 from __future__ import annotations
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -239,9 +240,9 @@ def test_written_out_batch_norm_backward_equals_autodiffs(dtype, tol):
         cts = tuple(jax.random.normal(k, s, dtype) for k, s in zip(ks[3:], (x.shape, (7,), (7,))))
         got, got_vjp = jax.vjp(lambda *a: xbn._batch_norm(*a, 1e-5), x, scale, bias)
         want, want_vjp = jax.vjp(autodiff, x, scale, bias)
-        for a, b in zip(got + got_vjp(cts), want + want_vjp(cts)):
-            assert a.dtype == dtype and a.shape == b.shape
-            np.testing.assert_allclose(a, b, rtol=tol, atol=tol)
+        chex.assert_trees_all_equal_dtypes(got + got_vjp(cts), want + want_vjp(cts))
+        chex.assert_trees_all_close(got + got_vjp(cts), want + want_vjp(cts), rtol=tol, atol=tol)
+        chex.assert_type(got[0], dtype)
 
 
 def test_only_training_batch_norms_of_32_or_more_channels_take_the_written_out_backward(monkeypatch):
@@ -323,9 +324,7 @@ def test_scanned_stages_compute_what_unrolled_ones_do(train):
     b = _loss_and_state(model, x, y, unrolled=False)
     np.testing.assert_allclose(b[1], a[1], rtol=1e-5, atol=1e-5)  # logits
     # updated BN statistics (train) or untouched ones (eval) land in every block alike
-    for (pa, va), (pb, vb) in zip(jax.tree.leaves_with_path(a[2]), jax.tree.leaves_with_path(b[2])):
-        assert pa == pb
-        np.testing.assert_allclose(vb, va, rtol=1e-5, atol=1e-6, err_msg=jax.tree_util.keystr(pa))
+    chex.assert_trees_all_close(b[2], a[2], rtol=1e-5, atol=1e-6)  # same structure, paths named
     for (pa, ga), (_, gb) in zip(jax.tree.leaves_with_path(a[3]), jax.tree.leaves_with_path(b[3])):
         scale = max(1.0, float(jnp.max(jnp.abs(ga))))
         assert float(jnp.max(jnp.abs(ga - gb))) <= 1e-4 * scale, jax.tree_util.keystr(pa)

@@ -12,6 +12,7 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
+import chex
 import pytest
 from flax import nnx
 
@@ -191,8 +192,7 @@ def test_a_partial_last_batch_is_trained_as_a_batch_of_its_own():
                                    jax.random.fold_in(k_aug, i))
         want.append(s)
     np.testing.assert_allclose(sums, np.stack(want), rtol=1e-5)
-    for got, ref in zip(jax.tree.leaves(engine.state), jax.tree.leaves(state)):
-        np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-7)
+    chex.assert_trees_all_close(engine.state, state, rtol=1e-5, atol=1e-7)
     assert fit("lenet", ds, recipe, seed=0).info["examples_per_epoch"] == 6
 
 
@@ -301,3 +301,34 @@ def synthetic_rgb(n: int = 256) -> Dataset:
     x = rng.integers(0, 200, (n, 32, 32, 3)).astype(np.uint8)
     x[y == 1, :8] = 255
     return Dataset(x, y, x[:40], y[:40], ["airplane", "bird"], "synthetic")
+
+
+def test_the_steps_compile_once_per_shape_over_several_epochs(monkeypatch):
+    """Three epochs of a partial last batch and two eval splits of other lengths: the train step
+    is traced once, the eval step once per split (chex counts the traces of the wrapped step)."""
+    import flaxnets.engine as engine_mod
+
+    chex.clear_trace_counter()
+    monkeypatch.setattr(engine_mod, "train_step", chex.assert_max_traces(engine_mod.train_step, n=1))
+    monkeypatch.setattr(engine_mod, "eval_step", chex.assert_max_traces(engine_mod.eval_step, n=2))
+    ds = synthetic(n_train=100, n_test=40)
+    recipe = recipe_for("lenet", epochs=3, batch_size=32, val_fraction=0.25)
+    result = fit("lenet", ds, recipe, seed=0)
+    assert result.info["train_examples"] == 75 and result.info["steps_per_epoch"] == 3  # 32+32+11
+    assert [r["epoch"] for r in result.metrics] == [1, 2, 3]
+    with pytest.raises(AssertionError, match="traced > 1 times"):  # the counter does count
+        args, tx = _train_step_args(recipe)
+        jax.jit(engine_mod.train_step, static_argnums=0, static_argnames=("tx", "recipe"))(
+            *args, tx=tx, recipe=recipe)
+
+
+def _train_step_args(recipe):
+    """Arguments of one traced ``train_step`` call (one more trace than the engine's)."""
+    from flaxnets.engine import make_optimizer
+
+    model = flaxnets.create("lenet", num_classes=4, seed=0)
+    gd, params, rest = nnx.split(model, nnx.Param, ...)
+    tx = make_optimizer(recipe, 1)[0]
+    x = jnp.zeros((2, 28, 28, 1), jnp.uint8)
+    return (gd, (params, rest), tx.init(params), x, jnp.zeros(2, jnp.int32), jnp.ones(2, bool),
+            jax.random.key(0)), tx

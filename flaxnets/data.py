@@ -228,7 +228,7 @@ def load_triton_before_tensorflow() -> None:
     """Import triton (torch's GPU compiler, installed with torch) if present, before TensorFlow.
 
     Both bundle LLVM; when TensorFlow loads first in a process that has torch and jax, a later
-    ``import torchvision`` (-> torch._dynamo -> triton) segfaults (reproduced 2026-11-22 with
+    ``import torchvision`` (-> torch._dynamo -> triton) segfaults (reproduced with
     tensorflow-cpu 2.21, torch 2.14.1, jax 0.10.2; triton first: no crash).
     """
     import importlib.util

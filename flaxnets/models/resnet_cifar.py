@@ -9,12 +9,12 @@ from flax import nnx
 from flaxnets.layers import BatchNorm2d, BlockStack, Sequential, conv2d, global_avg_pool, linear
 
 
-# Scan a stage's identical blocks from 3 on. Measured here (2-core CPU, JaxEngine train steps,
-# scanned vs unrolled engines interleaved in one process, bench.py --without scanned_stages,
-# 2026-11-22, with the CPU conv forms of flaxnets.layers): resnet20 (2 identical blocks a stage)
+# Scan a stage's identical blocks from 3 on. Measured on a 2-core Xeon (JaxEngine train
+# steps, scanned vs unrolled engines interleaved in one process, bench.py --without
+# scanned_stages, with the XLA:CPU conv forms): resnet20 (2 identical blocks a stage)
 # 162 vs 184 img/s, compile 15.0 vs 13.8 s, so it unrolls; resnet32 (4) 119 vs 118 img/s,
-# compile 17.1 vs 23.4 s; resnet56 (8) 49 vs 48, 17.6 vs 33.2 s. Earlier: resnet110 compiles in
-# 16 vs 27 s; resnet1202 in 108 s (unrolled: not within 16.5 min, 11.6 GB).
+# compile 17.1 vs 23.4 s; resnet56 (8) 49 vs 48, 17.6 vs 33.2 s. resnet110 compiles in 16 vs
+# 27 s; resnet1202 in 108 s (unrolled: not within 16.5 min, 11.6 GB).
 SCAN_MIN_BLOCKS = 3
 
 

@@ -25,7 +25,7 @@ def batch_norm_train(x: Array, scale: Array, bias: Array, eps: float
 
 # BatchNorm's training-mode backward written out: one pass of two reductions (the sums of g and
 # g*x_hat) and one elementwise pass, where autodiff of the forward gives four reductions and
-# three passes. Per step, median of alternating rounds (2026-11-23): net_batchnorm 1.14-1.17x
+# three passes. Per step, median of alternating rounds: net_batchnorm 1.14-1.17x
 # with it on its 32-channel BatchNorm (16 and 20 rounds; the switch, 16 rounds: 1.18x), resnet20
 # 1.06x (IQR 1.03-1.14, 10 rounds of 3 steps; the switch: 1.02x; 1.075x with its 16-channel ones
 # too), densenet121 1.09x (1.02-1.13, 8 rounds; the switch, 10 rounds: 1.03x). On net_batchnorm's

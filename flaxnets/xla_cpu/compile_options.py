@@ -7,19 +7,20 @@ from typing import Any
 from flaxnets.xla_cpu.switch import speedup_on
 
 # XLA:CPU compile options of a net's steps where they measured faster than XLA's defaults
-# (2-core x86, jax 0.10.2, the same step compiled both ways and timed in one process). Without YNN library fusions (dots and reductions then go to XLA's own emitters),
-# lenet: 1.15x median over 40 alternating rounds of 8 steps (IQR 1.08-1.19x, faster in 98% of
-# rounds; single interleaved runs said 0.95-1.20x, this machine drifts). The same for the others
-# (24 rounds): dilated 0.94x, net 0.99x, net_width 0.92x, net_dropout 0.97x, net_batchnorm
-# 0.54x; resnet20 0.95x (one run): only lenet takes it. (On lenet, on top of it: oneDNN 1.02x,
-# no XNNPACK 1.00x, the concurrency-optimised scheduler 1.00x: not taken.)
+# (2-core Xeon, jax 0.10.2, the same step compiled both ways and timed in one process). Without
+# YNN library fusions (dots and reductions then go to XLA's own emitters), lenet: 1.15x median
+# over 40 alternating rounds of 8 steps (IQR 1.08-1.19x, faster in 98% of rounds; single
+# interleaved runs said 0.95-1.20x, this machine drifts). The same for the others (24 rounds):
+# dilated 0.94x, net 0.99x, net_width 0.92x, net_dropout 0.97x, net_batchnorm 0.54x; resnet20
+# 0.95x (one run): only lenet takes it. (On lenet, on top of it: oneDNN 1.02x, no XNNPACK 1.00x,
+# the concurrency-optimised scheduler 1.00x: not taken.)
 # 512-bit vectors in XLA's own loops (its default is 256 even where AVX-512 is there), for the
 # CIFAR-2 nets, whose steps are mostly such loops (the first conv's tap sum, tanh, pools,
-# BatchNorm): net 1.13x (IQR 1.05-1.20, faster in 83% of 12 rounds of 10 steps), net_width
-# 1.10x (1.08-1.12, 90% of 10), net_dropout 1.17x (1.04-1.22, 75% of 12), net_batchnorm 1.30x
+# BatchNorm): net 1.13x (IQR 1.05-1.20, faster in 83% of 12 rounds of 10 steps), net_width 1.10x
+# (1.08-1.12, 90% of 10), net_dropout 1.17x (1.04-1.22, 75% of 12), net_batchnorm 1.30x
 # (1.25-1.46, 100% of 12); nothing for lenet 0.99x, dilated 0.97x, resnet20 0.99x, densenet121
-# 1.00x. A preference, not a demand: capped at AVX2 (xla_cpu_max_isa) a small
-# function compiled with it gave the same numbers.
+# 1.00x. A preference, not a demand: capped at AVX2 (xla_cpu_max_isa) a small function compiled
+# with it gave the same numbers.
 _WIDE_VECTORS = {"xla_cpu_prefer_vector_width": 512}
 CPU_COMPILE_OPTIONS: dict[str, dict[str, Any]] = {
     "lenet": {"xla_cpu_experimental_ynn_fusion_type": ""},

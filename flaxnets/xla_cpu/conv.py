@@ -91,9 +91,9 @@ def _loop_conv(x: Array, k: Array, padding: tuple[tuple[int, int], ...], sliced:
 
     XLA's CPU backend lowers the gradient convolutions of a loop body to naive loops: a scan of
     four 3×3 16→16 convs on 128×32×32 took 6.5 s for its gradients (1.9 s with the kernel
-    gradient sliced as outside loops), 0.16–0.19 s with these; unrolled, 0.17–0.24 s (measured
-    here, 2026-11-22). With them the scanned ResNets train as fast as unrolled ones from 4
-    identical blocks on (resnet_cifar's SCAN_MIN_BLOCKS).
+    gradient sliced as outside loops), 0.16–0.19 s with these; unrolled, 0.17–0.24 s (2-core Xeon,
+    jax 0.10.2). With them the scanned ResNets train as fast as unrolled ones from 3 identical
+    blocks on (resnet_cifar's SCAN_MIN_BLOCKS).
     """
     return jax.lax.conv_general_dilated(x, k, (1, 1), padding, dimension_numbers=_NHWC)
 
@@ -124,7 +124,7 @@ def _plain_kernel_grad(x: Array, g: Array, padding: tuple[tuple[int, int], ...],
     XLA:CPU runs this form well inside a loop body, unlike its own gradient form. Scans of four
     3x3 convs on 128 images (gradients, interleaved): 16->16 on 32x32 236-307 -> 161-191 ms,
     32->32 on 16x16 133-143 -> 123-142, 64->64 on 8x8 134-140 -> 111-121 against one matrix
-    product per tap of the whole batch (the previous form); unsliced, 442, 280, 193. Outside
+    product per tap of the whole batch; unsliced, 442, 280, 193. Outside
     loops, see PLAIN_KERNEL_GRAD_MAX_CHANNELS.
     """
     xp = jnp.pad(x, ((0, 0), *padding, (0, 0)))
@@ -141,18 +141,18 @@ _loop_conv.defvjp(_loop_conv_fwd, _loop_conv_bwd)
 
 # A conv of 1-3 input channels (the first conv of a net) as a sum over taps and channels of a
 # shifted input channel times a row of the kernel: one elementwise loop that XLA fuses and runs
-# on both cores, where its own conv of so few channels runs on one. Measured here (2-core Xeon,
-# jax 0.10.2), forward / forward + kernel gradient, XLA's conv -> tap sum: LeNet 5x5 1->6 on
+# on both cores, where its own conv of so few channels runs on one. Measured on a 2-core Xeon
+# (jax 0.10.2), forward / forward + kernel gradient, XLA's conv -> tap sum: LeNet 5x5 1->6 on
 # 256x28x28 9.7/18.5 -> 1.7/8.8 ms; the dilated net's 3x3 1->16 (dilation 2) on 64x28x28
-# 8.9/11.1 -> 0.5/2.1; 3x3 3->16 on 128x32x32 8.3/13.8 -> 2.7/6.0 (im2col, the previous form for
-# 3 channels: 9.4/11.2); 3x3 3->64 on 16x32x32 4.0/4.6 -> 1.8/3.7. From 6 channels on it loses
+# 8.9/11.1 -> 0.5/2.1; 3x3 3->16 on 128x32x32 8.3/13.8 -> 2.7/6.0 (im2col for 3 channels:
+# 9.4/11.2); 3x3 3->64 on 16x32x32 4.0/4.6 -> 1.8/3.7. From 6 channels on it loses
 # (LeNet's 5x5 6->16 with its gradients: 16.7 -> 19.0 ms; 3x3 8->16: 4.1 -> 4.6).
 TAP_SUM_MAX_CHANNELS = 3
 # XLA:CPU computes the input gradient of LeNet's conv2 (5×5, 6→16, on 256×12×12) as an Eigen
 # convolution of 6 output channels, ~4× slower per multiply-add than the forward (10-14 ms
 # against 2.5 ms alone). As one matrix product g @ k^T (16 -> 150 columns) and a fused sum of
 # the 25 taps' shifted blocks (_col2im_dx), the LeNet step took 20.5 against 25.7 ms: 1.31x
-# median over 30 alternating rounds of 8 steps (2026-11-22). Wider inputs gain nothing: with
+# median over 30 alternating rounds of 8 steps. Wider inputs gain nothing: with
 # the rule at 64 channels, dilated (conv2 16→32) 1.02x and resnet20 (16→16 ...) 0.99x, noise.
 COL2IM_MAX_CHANNELS = 8
 # Small images too, whatever their channels: XLA:CPU's input gradient there is mostly overhead
@@ -160,13 +160,13 @@ COL2IM_MAX_CHANNELS = 8
 # 128->32 convs, all on 8x8 or smaller at the benchmark's 32x32 input: 1.14x per step with this
 # rule (median of 16 alternating rounds, IQR 0.97-1.25; 1.20x in another 16); at 64x64 input
 # (block 1 at 16x16 keeps XLA's) 1.06x; resnet20 (its 8x8 stage takes it) 1.00x; every conv of
-# any size taking it: densenet121 at 64x64 1.06x, resnet20 0.99x (2026-11-23).
+# any size taking it: densenet121 at 64x64 1.06x, resnet20 0.99x.
 COL2IM_MAX_PIXELS = 64  # output pixels per image
 # Outside loops too, the kernel gradient of a stride-1 conv of a few input channels is faster as
 # _plain_kernel_grad (sliced alike) than as XLA's own gradient conv over the same slices (both
 # copy each slice transposed first; in net_dropout XLA's copies recompute the max pool and dropout,
 # 0.5-0.8 ms apiece; why its form is slower was not pinned down). Per step, median of alternating
-# rounds of 10 steps (2026-11-23), a patched engine (12-24 rounds) then the switch (16): net_width
+# rounds of 10 steps, a patched engine (12-24 rounds) then the switch (16): net_width
 # (conv2 32->16 on 16x16) 1.12x / 1.09x, net_batchnorm 1.10x / 1.08x, net_dropout 1.09x / 1.10x,
 # net (16->8) 1.03x / 1.03x, lenet (5x5 6->16) 1.03x, dilated (dilated convs: untouched) 1.02x;
 # resnet20 (its unscanned 16- and 32-channel convs) 0.99x. DenseNet's 128->32 lose (0.90x), and
@@ -186,8 +186,8 @@ def _tap_sum(x: Array, k: Array, padding: tuple[tuple[int, int], ...], dilation:
 # The kernel gradient of a conv, on the CPU, as a sum over slices of the batch. XLA:CPU runs a
 # conv's kernel gradient on one thread and slowly once the batch's activations outgrow the L2
 # cache; a slice whose input and output gradient fit in about half of it (512 KiB) stays in
-# cache, and independent slices run on both cores. Measured here (2-core Xeon, 1.25 MiB L2 per
-# core, jax 0.10.2), kernel gradient alone, whole batch -> best slicing: LeNet conv1 1->6 5x5
+# cache, and independent slices run on both cores. Measured on a 2-core Xeon (1.25 MiB L2
+# per core, jax 0.10.2), kernel gradient alone, whole batch -> best slicing: LeNet conv1 1->6 5x5
 # on 256x28x28 16.3 -> 4.5 ms (16 slices), conv2 6->16 7.5 -> 2.2 ms; ResNet 3x3 16->16 on
 # 128x32x32 28.3 -> 12.2 ms, 32->32 on 16x16 27.4 -> 11.0 ms, 64->64 on 8x8 19.7 -> 9.4 ms;
 # DenseNet 3x3 128->32 on 16x32x32 37.3 -> 18.8 ms (2 images per slice; 1 image: 25 ms).

@@ -61,8 +61,8 @@ def _tiled_max(x: Array, k: int) -> Array:
 
     A hand-written gradient: the forward keeps only the maximum (and, for the backward, which
     tap was first), the backward is one elementwise select written straight into NHWC. Against
-    the autodiff of a one-hot arg-max product (paired A/B, 24-30 alternating rounds of 8 steps,
-    2026-11-22): net 1.11x, net_dropout 1.18x, net_batchnorm 1.08x; lenet 0.96-0.98x (its pools
+    the autodiff of a one-hot arg-max product (paired A/B, 24-30 alternating rounds of 8
+    steps): net 1.11x, net_dropout 1.18x, net_batchnorm 1.08x; lenet 0.96-0.98x (its pools
     alone, or pool2 alone, the same; int32 indices no better), within this machine's noise for
     a null change (dilated, whose pools are averages: 0.97x).
     """

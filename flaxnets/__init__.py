@@ -28,17 +28,16 @@ def create(name: str, num_classes: int | None = None, seed: int = 0, **kw: Any):
 def create_for_loading(name: str, num_classes: int | None = None, **kw: Any):
     """A model of ``name`` whose every tensor a weights loader will overwrite.
 
-    For the DenseNets shapes only (``nnx.eval_shape``): random initialisation is skipped
-    (2-core CPU, a fresh process: densenet121 converted in 3.2 s abstract, 5.0 s created; 22.5 s
-    before initialisers drew in power-of-two lengths, see ``layers._drawn``). Not for the
-    others: tracing resnet1202 abstractly took 115 s against 20 s to build it, and the small
-    nets build in well under a second. Nets with dropout carry RNG state that no weights file
-    holds.
+    For nets with ``NetSpec.many_small_ops`` (the DenseNets) shapes only (``nnx.eval_shape``):
+    their random initialisation is skipped (densenet121 converts in 3.2 s abstract against 5.0 s
+    created; 2-core CPU, a fresh process). The others are created: tracing resnet1202 abstractly
+    takes 115 s against 20 s to build it, and the small nets build in well under a second. Nets
+    with dropout are created too: they carry RNG state that no weights file holds.
     """
     import jax
     from flax import nnx
 
-    if get_spec(name).module != "densenet":
+    if not get_spec(name).many_small_ops:
         return create(name, num_classes=num_classes, **kw)
     abstract = nnx.eval_shape(lambda: create(name, num_classes=num_classes, **kw))
     if jax.tree.leaves(nnx.state(abstract, nnx.RngState)):

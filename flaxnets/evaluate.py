@@ -1,5 +1,9 @@
-"""Evaluate trained weights from any file (run directory, .flax, .pt/.pth/.th, .safetensors) in
-either framework, on the recipe's test split or on an image folder (``scripts/evaluate.py``)."""
+"""Evaluate trained weights (a run directory, or a .pt/.pth/.th/.bin or .safetensors file) in either
+framework, on the recipe's test split or on an image folder (``scripts/evaluate.py``).
+
+Both backends read the same weights file (``parity.files.read_weights``, torch layout); the JAX
+backend converts it into the Flax model (``parity.convert.torch_to_flax``).
+"""
 
 from __future__ import annotations
 
@@ -17,8 +21,7 @@ from flaxnets.fit import make_splits
 from flaxnets.recipes import IMAGENET_MEAN, IMAGENET_STD, recipe_for
 
 # Files of a run directory that hold its final weights, in the order they are looked for.
-RUN_WEIGHTS = ("model.pt", "model.safetensors", "checkpoints/best.flax", "checkpoints/last.flax",
-               "checkpoints/best.pt", "checkpoints/last.pt")
+RUN_WEIGHTS = ("model.pt", "model.safetensors", "checkpoints/best.pt", "checkpoints/last.pt")
 
 
 @dataclass
@@ -130,7 +133,8 @@ def evaluate(net: str, weights_path: str | Path, data_dir: str | Path | None = N
     ``mean``/``std`` default to the recipe's normalisation; ``seed`` (default: the run's, else 0)
     recreates a carved-out test split exactly as training made it.
     """
-    from parity.files import read_flax_model, read_weights
+    from parity.convert import torch_to_flax
+    from parity.files import read_weights
 
     get_spec(net)
     if (mean is None) != (std is None):
@@ -152,8 +156,8 @@ def evaluate(net: str, weights_path: str | Path, data_dir: str | Path | None = N
         mean, std = IMAGENET_MEAN, IMAGENET_STD
     x = normalize(x_u8, mean, std)
     if backend == "jax":
-        fmodel, weights = read_flax_model(wfile, net)
-        logits = _logits_jax(fmodel, x, batch_size)
+        weights = read_weights(wfile, net)
+        logits = _logits_jax(torch_to_flax(net, weights.state_dict, weights.num_classes), x, batch_size)
     elif backend == "torch":
         weights = read_weights(wfile, net)
         logits = _logits_torch(net, weights, x, batch_size)

@@ -21,11 +21,14 @@ class NetSpec:
     input_shape: tuple[int, int, int]  # H, W, C of the recipe's data
     params: int  # trainable parameters at the default class count (a fact the tests pin)
     head: str  # state_dict prefix of the classifier layer; its weight's rows = class count
-    dataset: str
     kwargs: dict[str, Any] = field(default_factory=dict)
     parity_input: tuple[int, int, int] | None = None  # smaller H, W, C for parity checks
     any_size: bool = False  # global pooling before the head: any H, W (>= 32) works
     batch_norm: bool = False  # has BatchNorm layers (batch statistics): drops a partial last batch
+    # Hundreds of small ops of distinct shapes (DenseNet: a new channel count in every layer), so
+    # eager JAX compiles one small program per op and shape. Parity checks run it jitted, as one
+    # program; loaders build it abstract (``flaxnets.create_for_loading``), skipping random init.
+    many_small_ops: bool = False
 
     @property
     def check_shape(self) -> tuple[int, int, int]:
@@ -44,29 +47,28 @@ _DENSENET = {  # depth -> (block_config, params at 1000 classes)
 def _rows() -> list[NetSpec]:
     fm, c2, c10 = (28, 28, 1), (32, 32, 3), (32, 32, 3)
     rows = [
-        NetSpec("lenet", "lenet", "LeNet", 10, fm, 44_426, "fc.4", "fashion_mnist"),
-        NetSpec("dilated", "dilated", "MyConvDilaNet", 10, fm, 170_314, "classifier.4", "fashion_mnist"),
-        NetSpec("net", "cifar2", "Net", 2, c2, 18_090, "fc2", "cifar2"),
-        NetSpec("net_width", "cifar2", "NetWidth", 2, c2, 38_386, "fc2", "cifar2"),
-        NetSpec("net_dropout", "cifar2", "NetDropout", 2, c2, 38_386, "fc2", "cifar2"),
-        NetSpec("net_batchnorm", "cifar2", "NetBatchNorm", 2, c2, 38_482, "fc2", "cifar2",
-                batch_norm=True),
+        NetSpec("lenet", "lenet", "LeNet", 10, fm, 44_426, "fc.4"),
+        NetSpec("dilated", "dilated", "MyConvDilaNet", 10, fm, 170_314, "classifier.4"),
+        NetSpec("net", "cifar2", "Net", 2, c2, 18_090, "fc2"),
+        NetSpec("net_width", "cifar2", "NetWidth", 2, c2, 38_386, "fc2"),
+        NetSpec("net_dropout", "cifar2", "NetDropout", 2, c2, 38_386, "fc2"),
+        NetSpec("net_batchnorm", "cifar2", "NetBatchNorm", 2, c2, 38_482, "fc2", batch_norm=True),
     ]
     for depth, params in _RESNET_PARAMS.items():
         rows.append(
-            NetSpec(f"resnet{depth}", "resnet_cifar", "ResNet", 10, c10, params, "linear", "cifar10",
+            NetSpec(f"resnet{depth}", "resnet_cifar", "ResNet", 10, c10, params, "linear",
                     kwargs={"depth": depth}, batch_norm=True)
         )
     for depth, (blocks, params) in _DENSENET.items():
         rows.append(
             NetSpec(f"densenet{depth}", "densenet", "DenseNet", 1000, (224, 224, 3), params,
-                    "classifier", "image_folder", kwargs={"block_config": blocks},
-                    parity_input=(64, 64, 3), any_size=True, batch_norm=True)
+                    "classifier", kwargs={"block_config": blocks}, parity_input=(64, 64, 3),
+                    any_size=True, batch_norm=True, many_small_ops=True)
         )
     rows.append(
         NetSpec("densenet121_se", "densenet", "DenseNet", 2, (224, 224, 3), 7_218_050, "classifier",
-                "image_folder", kwargs={"block_config": _DENSENET[121][0], "se_reduction": 8},
-                parity_input=(64, 64, 3), any_size=True, batch_norm=True)
+                kwargs={"block_config": _DENSENET[121][0], "se_reduction": 8},
+                parity_input=(64, 64, 3), any_size=True, batch_norm=True, many_small_ops=True)
     )
     return rows
 

@@ -33,7 +33,7 @@ BN_STAT_KEYS = ("running_mean", "running_var", "num_batches_tracked")
 
 # --------------------------------------------------------------------------- small helpers
 def scaled_delta(a: np.ndarray, b: np.ndarray) -> float:
-    """max|a-b| / max(1, max|a|): the logit comparison of the issue, as one number vs LOGIT_RTOL."""
+    """max|a-b| / max(1, max|a|), ``a`` the torch reference: one number to hold against LOGIT_RTOL."""
     a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
     return float(np.max(np.abs(a - b)) / max(1.0, float(np.max(np.abs(a)))))
 
@@ -142,7 +142,7 @@ class LayerDelta:
 def layer_deltas(tmodel: torch.nn.Module, fmodel: nnx.Module, x_nchw: np.ndarray,
                  jit: bool = False) -> list[LayerDelta]:
     """Per-layer activation differences in torch execution order (both models as they are set);
-    ``jit`` runs the Flax model as one program (see ``runs_jitted``)."""
+    ``jit`` runs the Flax model as one program (see ``NetSpec.many_small_ops``)."""
     t_acts = _capture_torch(tmodel, torch.from_numpy(x_nchw))
     f_acts = _capture_flax(fmodel, jnp.asarray(nchw_to_nhwc(x_nchw)), jit)
     kinds = dict((n, type(m).__name__) for n, m in tmodel.named_modules())
@@ -206,21 +206,76 @@ def _grads(model: nnx.Module, x: jax.Array, y: jax.Array) -> nnx.State:
 
 def _call(fn, jit: bool, *args):
     # Eager JAX compiles one small program per op and shape: for DenseNet (a new channel count
-    # in every layer) that took 128 s for one gradient against 40 s jitted (measured, 2-core
-    # CPU). ResNets repeat shapes, so eager is cheap for them and avoids compiling 1202 layers.
+    # in every layer) one gradient takes 128 s eager against 40 s jitted (2-core CPU). ResNets
+    # repeat shapes, so eager is cheap for them and avoids compiling 1202 layers. Which nets run
+    # jitted is the registry's ``NetSpec.many_small_ops``.
     return nnx.jit(fn)(*args) if jit else fn(*args)
 
 
-def runs_jitted(name: str) -> bool:
-    """Whether ``check_net`` jits net ``name``'s forward and gradient by default (see ``_call``)."""
-    return flaxnets.get_spec(name).module == "densenet"
+def flax_logits(model: nnx.Module, x: jax.Array, jit: bool = False) -> np.ndarray:
+    """``model(x)`` (NHWC input) as a numpy array, eager or, with ``jit``, as one compiled program.
+
+    In train mode the BatchNorm updates are written back to ``model`` either way (nnx.jit does so).
+    """
+    return np.asarray(_call(_forward, jit, model, x))
+
+
+@dataclass(frozen=True)
+class EvalLogits:
+    """Both frameworks' eval-mode logits on one batch, held against the parity tolerance."""
+
+    torch_out: np.ndarray
+    flax_out: np.ndarray
+
+    @property
+    def same_shape(self) -> bool:
+        return self.torch_out.shape == self.flax_out.shape
+
+    @property
+    def scale(self) -> float:
+        """max(1, max|torch logits|): the tolerance is relative to the logits' size."""
+        return max(1.0, float(np.max(np.abs(np.asarray(self.torch_out, np.float64)))))
+
+    @property
+    def delta(self) -> float:
+        """``scaled_delta`` of the logits (NaN when the shapes differ); ok when ≤ LOGIT_RTOL."""
+        return scaled_delta(self.torch_out, self.flax_out) if self.same_shape else float("nan")
+
+    @property
+    def max_abs(self) -> float:
+        """max|Δ| of the logits, unscaled (NaN when the shapes differ)."""
+        if not self.same_shape:
+            return float("nan")
+        return float(np.max(np.abs(np.asarray(self.torch_out, np.float64) - self.flax_out)))
+
+    @property
+    def tolerance(self) -> float:
+        """The largest max|Δ| that passes: LOGIT_RTOL·max(1, max|torch logits|)."""
+        return LOGIT_RTOL * self.scale
+
+    @property
+    def ok(self) -> bool:
+        return self.delta <= LOGIT_RTOL  # False for NaN
+
+
+def compare_eval_logits(tmodel: torch.nn.Module, fmodel: nnx.Module, x_nchw: np.ndarray,
+                        jit: bool = False) -> EvalLogits:
+    """Put both models in eval mode and run them on ``x_nchw`` (the Flax model gets it as NHWC;
+    ``jit`` as in ``flax_logits``): the one eval-logit comparison of the parity checks and of
+    ``parity.files.convert_file``."""
+    tmodel.eval()
+    fmodel.eval()
+    with torch.no_grad():
+        want = tmodel(torch.from_numpy(x_nchw)).numpy()
+    return EvalLogits(want, flax_logits(fmodel, jnp.asarray(nchw_to_nhwc(x_nchw)), jit))
 
 
 def _to_float64(model: nnx.Module) -> nnx.Module:
     """A float64 copy of a Flax model (call under ``jax.enable_x64``)."""
     model = nnx.clone(model)
     state = nnx.state(model)
-    # cast on the host: an eager astype compiles one program per shape (densenet201: 7.8 -> 1.2 s)
+    # cast on the host: an eager astype compiles one program per shape (densenet201: 7.8 s with
+    # eager astype, 1.2 s on the host)
     nnx.update(model, jax.tree.map(
         lambda a: jax.device_put(np.asarray(a, np.float64)) if jnp.issubdtype(a.dtype, jnp.floating)
         else a, state))
@@ -229,11 +284,11 @@ def _to_float64(model: nnx.Module) -> nnx.Module:
 
 def check_net(name: str, seed: int = 0, batch: int = 2, input_shape: tuple[int, int, int] | None = None,
               jit: bool | None = None, **kw) -> ParityResult:
-    """Run every parity check of the issue on net ``name`` with random weights; never raises on
-    a mismatch, it records it in ``failures``."""
+    """Run every parity check on net ``name`` with random weights; never raises on a mismatch,
+    it records it in ``failures``. ``jit`` defaults to the registry's ``many_small_ops``."""
     spec = flaxnets.get_spec(name)
     h, w, c = input_shape or spec.check_shape
-    jit = runs_jitted(name) if jit is None else jit
+    jit = spec.many_small_ops if jit is None else jit
     res = ParityResult(name, spec.params)
     torch.manual_seed(seed)
     tmodel = torch_ref.create(name, **kw)
@@ -256,17 +311,14 @@ def check_net(name: str, seed: int = 0, batch: int = 2, input_shape: tuple[int, 
     x_t, x_f = torch.from_numpy(x), jnp.asarray(nchw_to_nhwc(x))
 
     # eval mode
-    tmodel.eval()
-    fmodel.eval()
-    with torch.no_grad():
-        lt = tmodel(x_t).numpy()
-    lf = np.asarray(_call(_forward, jit, fmodel, x_f))
+    logits = compare_eval_logits(tmodel, fmodel, x, jit)
+    lf, lt = logits.flax_out, logits.torch_out
     res.output_shape, res.expected_shape = lf.shape, (batch, spec.num_classes)
     if lf.shape != lt.shape or lf.shape != res.expected_shape:
         res.failures.append(f"output shape flax {lf.shape} torch {lt.shape} expected {res.expected_shape}")
     else:
-        res.logits_delta = scaled_delta(lt, lf)
-        if not res.logits_delta <= LOGIT_RTOL:  # NaN fails too
+        res.logits_delta = logits.delta
+        if not logits.ok:
             res.failures.append(f"eval logits Δ {res.logits_delta:.2e} > {LOGIT_RTOL:.0e}")
             res.divergence = first_divergence(tmodel, fmodel, x, jit)
 
@@ -277,11 +329,7 @@ def check_net(name: str, seed: int = 0, batch: int = 2, input_shape: tuple[int, 
     t64, f_pre = copy.deepcopy(tmodel).double(), nnx.clone(fmodel)  # states before the forward
     with torch.no_grad():
         out_t = tmodel(x_t).numpy()
-    if jit:
-        # nnx.jit writes the BN updates back to the module, as the eager call does
-        out_f = np.asarray(nnx.jit(_forward)(fmodel, x_f))
-    else:
-        out_f = np.asarray(fmodel(x_f))
+    out_f = flax_logits(fmodel, x_f, jit)  # the BN updates are written back to fmodel
     res.train_logits_delta = scaled_delta(out_t, out_f)
     if not res.train_logits_delta <= LOGIT_RTOL:  # NaN fails too
         res.failures.append(f"train logits Δ {res.train_logits_delta:.2e} > {LOGIT_RTOL:.0e}")
@@ -342,13 +390,11 @@ def check_torchvision_densenet121(seed: int = 0, batch: int = 2, size: int = 64)
     if not res.torch_params == res.flax_params == res.expected_params:
         res.failures.append("parameter counts differ")
     x = np.random.RandomState(seed).randn(batch, 3, size, size).astype(np.float32)
-    with torch.no_grad():
-        lt = tv(torch.from_numpy(x)).numpy()
-    x_f = jnp.asarray(nchw_to_nhwc(x))
-    lf = np.asarray(_call(_forward, runs_jitted("densenet121"), fmodel, x_f))  # eager: 32 s, jit: 12
-    res.output_shape = res.expected_shape = lt.shape
-    res.logits_delta = scaled_delta(lt, lf)
-    if not res.logits_delta <= LOGIT_RTOL:  # NaN fails too
+    # jitted (many_small_ops): 12 s, eager 32 s
+    logits = compare_eval_logits(tv, fmodel, x, flaxnets.get_spec("densenet121").many_small_ops)
+    res.output_shape, res.expected_shape = logits.flax_out.shape, logits.torch_out.shape
+    res.logits_delta = logits.delta
+    if not logits.ok:
         res.failures.append(f"eval logits Δ {res.logits_delta:.2e} > {LOGIT_RTOL:.0e}")
     back = flax_to_torch(fmodel)
     res.roundtrip_exact = all(torch.equal(back[k], v) for k, v in tv.state_dict().items())

@@ -96,9 +96,9 @@ def check_state_dict(expected: Mapping[str, tuple[int, ...]], state_dict: Mappin
     """Raise StateDictMismatchError unless ``state_dict`` has exactly the keys and shapes expected."""
     missing = [key for key in expected if key not in state_dict]
     unexpected = [key for key in state_dict if key not in expected]
-    mismatched = [(key, tuple(want), tuple(_as_numpy(state_dict[key]).shape))
+    mismatched = [(key, tuple(want), tuple(to_numpy(state_dict[key]).shape))
                   for key, want in expected.items()
-                  if key in state_dict and tuple(_as_numpy(state_dict[key]).shape) != tuple(want)]
+                  if key in state_dict and tuple(to_numpy(state_dict[key]).shape) != tuple(want)]
     if missing or unexpected or mismatched:
         raise StateDictMismatchError(missing, unexpected, mismatched, what)
 
@@ -144,7 +144,9 @@ def _entries(model: nnx.Module) -> Iterator[tuple[str, Leaf, nnx.Variable]]:
             yield (f"{prefix}.{leaf.torch_name}" if prefix else leaf.torch_name), leaf, var
 
 
-def _as_numpy(value: Any) -> np.ndarray:
+def to_numpy(value: Any) -> np.ndarray:
+    """One state_dict value as a numpy array: a torch tensor (any device; bfloat16 widened to
+    float32, which numpy lacks) or anything ``np.asarray`` takes. Does not import torch."""
     if hasattr(value, "detach"):  # torch.Tensor, without importing torch here
         value = value.detach().cpu()
         if str(value.dtype) == "torch.bfloat16":
@@ -166,7 +168,7 @@ def load_state_dict(model: nnx.Module, state_dict: Mapping[str, Any], what: str 
     check_state_dict({key: leaf.torch_shape(tuple(var.get_value().shape)) for key, leaf, var in entries},
                      state_dict, what)
     for key, leaf, var in entries:
-        value = leaf.to_flax(_as_numpy(state_dict[key]))
+        value = leaf.to_flax(to_numpy(state_dict[key]))
         # np.array copies: on CPU jnp.asarray may alias the buffer of a torch tensor's numpy
         # view, and the Flax weights would then change when torch updates BN stats in place.
         var.set_value(jnp.asarray(np.array(value, dtype=var.get_value().dtype)))
@@ -184,7 +186,7 @@ def torch_to_flax(name: str, state_dict: Mapping[str, Any], num_classes: int | N
     state_dict = normalize_keys(state_dict)
     if num_classes is None:
         head = state_dict.get(f"{spec.head}.weight")
-        num_classes = int(_as_numpy(head).shape[0]) if head is not None else spec.num_classes
+        num_classes = int(to_numpy(head).shape[0]) if head is not None else spec.num_classes
     model = flaxnets.create_for_loading(name, num_classes=num_classes, **kw)
     return load_state_dict(model, state_dict, what=f"Flax {name}")
 

@@ -1,13 +1,14 @@
 """Weight files in every format people hand around, read and written the same way everywhere.
 
-Formats: PyTorch pickles (``.pt``/``.pth``/``.th``/``.bin``, zip or legacy pre-1.6 format),
-``.safetensors`` (torch ``state_dict`` layout and key names) and the flaxnets checkpoint
-(``.flax``, ``flaxnets.checkpoint``). ``read_weights`` takes a file as found (wrappers such as
-``{"state_dict": ..., "epoch": ...}``, ``module.``/``_orig_mod.`` prefixes, CUDA-saved tensors,
-torchvision's old ``norm.1`` keys) and returns a torch-layout ``state_dict`` of numpy arrays
-plus notes on what it unwrapped, stripped or ignored. ``write_weights`` writes any of the
-formats atomically and never over an existing file unless told to. ``convert_file`` is
-``scripts/convert.py``: read, convert strictly, compare both frameworks' logits, write.
+Formats: PyTorch pickles (``.pt``/``.pth``/``.th``/``.bin``, zip or legacy pre-1.6 format) and
+``.safetensors``, both in torch ``state_dict`` layout and key names; a Flax model gets its
+weights from them through ``parity.convert`` (``torch_to_flax``, ``load_state_dict``).
+``read_weights`` takes a file as found (wrappers such as ``{"state_dict": ..., "epoch": ...}``,
+``module.``/``_orig_mod.`` prefixes, CUDA-saved tensors, torchvision's old ``norm.1`` keys) and
+returns a torch-layout ``state_dict`` of numpy arrays plus notes on what it unwrapped, stripped
+or ignored. ``write_weights`` writes either format atomically and never over an existing file
+unless told to. ``convert_file`` is ``scripts/convert.py``: read, convert strictly, compare both
+frameworks' logits, write.
 """
 
 from __future__ import annotations
@@ -21,22 +22,24 @@ from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
 import flaxnets
-from flaxnets import checkpoint
 from flaxnets.runs import atomic_write_bytes
 from flaxnets.introspect import count_params
-from parity.convert import _as_numpy, load_state_dict, normalize_keys, to_numpy_state_dict
+from parity.convert import normalize_keys, to_numpy, to_numpy_state_dict, torch_to_flax
 from parity.torchfile import torch_save_bytes
+
+if TYPE_CHECKING:
+    from parity.check import EvalLogits
 
 TORCH_SUFFIXES = (".pt", ".pth", ".th", ".bin")
 SAFETENSORS_SUFFIX = ".safetensors"
-FORMAT_NAMES = {"torch": "PyTorch pickle", "safetensors": "safetensors", "flax": "flaxnets checkpoint"}
+FORMAT_NAMES = {"torch": "PyTorch pickle", "safetensors": "safetensors"}
+SUPPORTED = f"PyTorch ({', '.join(TORCH_SUFFIXES)}) or safetensors ({SAFETENSORS_SUFFIX})"
 # Keys under which training scripts store the model's state_dict, most specific first.
 WRAPPER_KEYS = ("state_dict", "model_state_dict", "model", "net")
 # Key prefixes added by DataParallel/DDP and by torch.compile; stripped when every key has one.
@@ -57,7 +60,7 @@ class Weights:
 
     state_dict: OrderedDict[str, np.ndarray]
     num_classes: int
-    format: str  # "torch", "safetensors" or "flax"
+    format: str  # "torch" or "safetensors"
     sha256: str
     notes: list[str] = field(default_factory=list)  # what was unwrapped, stripped, renamed, ignored
     meta: dict[str, Any] = field(default_factory=dict)  # the file's own metadata, if it has any
@@ -65,16 +68,14 @@ class Weights:
 
 # --------------------------------------------------------------------------- formats
 def output_format(path: str | os.PathLike) -> str:
-    """The format a file name asks for ("torch", "safetensors", "flax"); WeightsFileError otherwise."""
+    """The format a file name asks for ("torch", "safetensors"); WeightsFileError otherwise."""
     suffix = Path(path).suffix.lower()
     if suffix in TORCH_SUFFIXES:
         return "torch"
     if suffix == SAFETENSORS_SUFFIX:
         return "safetensors"
-    if suffix == checkpoint.SUFFIX:
-        return "flax"
-    raise WeightsFileError(f"{path}: unknown weights file type {suffix or '(no suffix)'!r}; use one of "
-                           f"{', '.join(TORCH_SUFFIXES + (SAFETENSORS_SUFFIX, checkpoint.SUFFIX))}")
+    raise WeightsFileError(f"{path}: unknown weights file type {suffix or '(no suffix)'!r}; weights "
+                           f"files are {SUPPORTED}")
 
 
 def detect_format(path: str | os.PathLike) -> str:
@@ -84,13 +85,11 @@ def detect_format(path: str | os.PathLike) -> str:
             head = f.read(16)
     except OSError as e:
         raise WeightsFileError(f"cannot read {path}: {e.strerror or e}") from None
-    if head.startswith(checkpoint.MAGIC):
-        return "flax"
     if head.startswith(b"PK\x03\x04") or head[:1] == b"\x80":  # torch zip / legacy pickle
         return "torch"
     if len(head) > 8 and head[8:9] == b"{":  # u64 header length, then the JSON header
         return "safetensors"
-    raise WeightsFileError(f"{path} is not a PyTorch, safetensors or flaxnets weights file")
+    raise WeightsFileError(f"{path} is not a weights file of a supported format: {SUPPORTED}")
 
 
 def sha256_file(path: str | os.PathLike) -> str:
@@ -214,7 +213,7 @@ def read_torch_state_dict(path: str | os.PathLike) -> tuple[OrderedDict[str, np.
     if on_gpu:
         notes.append(f"tensors saved on {', '.join(on_gpu)}, loaded onto the CPU")
     sd = _strip_prefixes(_unwrap(obj, path, notes), notes)
-    return OrderedDict((k, _as_numpy(v)) for k, v in sd.items()), notes
+    return OrderedDict((k, to_numpy(v)) for k, v in sd.items()), notes
 
 
 def _read_safetensors(path: Path) -> tuple[OrderedDict[str, np.ndarray], dict[str, str], list[str]]:
@@ -225,7 +224,7 @@ def _read_safetensors(path: Path) -> tuple[OrderedDict[str, np.ndarray], dict[st
     try:
         with safe_open(str(path), framework="pt") as f:
             meta = dict(f.metadata() or {})
-            sd = OrderedDict((k, _as_numpy(f.get_tensor(k))) for k in f.keys())
+            sd = OrderedDict((k, to_numpy(f.get_tensor(k))) for k in f.keys())
     except (SafetensorError, OSError) as e:
         raise WeightsFileError(f"{path} cannot be read as safetensors: {e}") from None
     if not sd:
@@ -233,22 +232,13 @@ def _read_safetensors(path: Path) -> tuple[OrderedDict[str, np.ndarray], dict[st
     return _strip_prefixes(sd, notes), meta, notes
 
 
-def _read_flax(path: Path, net: str, num_classes: int | None,
-               model: nnx.Module | None) -> tuple[nnx.Module, checkpoint.Checkpoint]:
-    """The checkpoint's model (loaded into ``model`` if given), checking net and class count."""
-    ckpt = checkpoint.load(path)
-    if ckpt.net != net:
-        raise WeightsFileError(f"{path} holds {ckpt.net!r} weights, not {net!r}")
-    if num_classes is not None and num_classes != ckpt.num_classes:
-        raise WeightsFileError(f"{path} has {ckpt.num_classes} classes, not {num_classes}")
-    if model is None:
-        model = flaxnets.create_for_loading(net, num_classes=ckpt.num_classes)
-    return checkpoint.flat_into_model(model, ckpt.model), ckpt
+def read_weights(path: str | os.PathLike, net: str, num_classes: int | None = None) -> Weights:
+    """Read a weights file of net ``net`` as a torch-layout state_dict of numpy arrays.
 
-
-def _read(path: str | os.PathLike, net: str, num_classes: int | None,
-          model: nnx.Module | None) -> tuple[Weights, nnx.Module | None]:
-    """``read_weights``, also returning the Flax model a ``.flax`` file was loaded into."""
+    The format comes from the file's content. ``num_classes`` defaults to the rows of the
+    classifier weight. The state_dict is not yet checked against the net: ``torch_to_flax``
+    (a Flax model holding the weights) and ``load_state_dict`` do that strictly.
+    """
     flaxnets.get_spec(net)
     path = Path(path)
     fmt = detect_format(path)
@@ -261,11 +251,6 @@ def _read(path: str | os.PathLike, net: str, num_classes: int | None,
         pass
     if suffix_fmt not in (None, fmt):
         notes.append(f"the file is a {FORMAT_NAMES[fmt]} although its name says {FORMAT_NAMES[suffix_fmt]}")
-    if fmt == "flax":
-        fmodel, ckpt = _read_flax(path, net, num_classes, model)
-        if ckpt.train is not None:
-            notes.append(f"ignored the training state stored with the weights ({len(ckpt.train)} arrays)")
-        return Weights(to_numpy_state_dict(fmodel), ckpt.num_classes, fmt, sha, notes, ckpt.meta), fmodel
     if fmt == "torch":
         sd, more = read_torch_state_dict(path)
         meta: dict[str, Any] = {}
@@ -284,31 +269,7 @@ def _read(path: str | os.PathLike, net: str, num_classes: int | None,
         num_classes = inferred if inferred is not None else flaxnets.get_spec(net).num_classes
         how = f"from {flaxnets.get_spec(net).head}.weight" if inferred is not None else "the registry default"
         notes.append(f"num_classes {num_classes} ({how})")
-    return Weights(normalized, num_classes, fmt, sha, notes, meta), None
-
-
-def read_weights(path: str | os.PathLike, net: str, num_classes: int | None = None,
-                 model: nnx.Module | None = None) -> Weights:
-    """Read any supported weights file of net ``net`` as a torch-layout state_dict of numpy arrays.
-
-    The format comes from the file's content. ``num_classes`` defaults to the rows of the
-    classifier weight; ``model`` (a Flax ``net``) saves building one when reading a ``.flax``.
-    The state_dict is not yet checked against the net: ``torch_to_flax`` does that strictly.
-    """
-    return _read(path, net, num_classes, model)[0]
-
-
-def read_flax_model(path: str | os.PathLike, net: str, num_classes: int | None = None,
-                    model: nnx.Module | None = None) -> tuple[nnx.Module, Weights]:
-    """A Flax model of ``net`` holding the weights of any supported file, strictly, and the Weights.
-
-    Loads into ``model`` when given (all of its tensors are replaced), else builds a new one.
-    """
-    weights, fmodel = _read(path, net, num_classes, model)
-    if fmodel is None:
-        fmodel = model if model is not None else flaxnets.create_for_loading(net, num_classes=weights.num_classes)
-        load_state_dict(fmodel, weights.state_dict, what=f"Flax {net}")
-    return fmodel, weights
+    return Weights(normalized, num_classes, fmt, sha, notes, meta)
 
 
 # --------------------------------------------------------------------------- writing
@@ -329,7 +290,7 @@ def write_weights(path: str | os.PathLike, net: str, weights: nnx.Module | Mappi
 
     Atomic (temporary file + rename); refuses an existing ``path`` unless ``force``.
     safetensors files carry metadata (net, num_classes, ``source`` file name and sha256, ``meta``
-    as strings); ``.flax`` files carry the same in their meta; torch files are a bare state_dict.
+    as strings); torch files are a bare state_dict.
     """
     path = Path(path)
     fmt = output_format(path)
@@ -339,7 +300,7 @@ def write_weights(path: str | os.PathLike, net: str, weights: nnx.Module | Mappi
     if isinstance(weights, nnx.Module):
         sd = to_numpy_state_dict(weights)
     else:
-        sd = OrderedDict((k, np.array(_as_numpy(v), order="C")) for k, v in normalize_keys(weights).items())
+        sd = OrderedDict((k, np.array(to_numpy(v), order="C")) for k, v in normalize_keys(weights).items())
     rows = infer_num_classes(net, sd)
     if num_classes is not None and rows is not None and rows != num_classes:
         raise WeightsFileError(f"num_classes {num_classes} does not fit the weights' "
@@ -349,40 +310,27 @@ def write_weights(path: str | os.PathLike, net: str, weights: nnx.Module | Mappi
     if source is not None:
         info.update(source=Path(source).name, source_sha256=sha256_file(source))
     info.update(meta or {})
-    if fmt == "flax":
-        fmodel = weights if isinstance(weights, nnx.Module) else load_state_dict(
-            flaxnets.create_for_loading(net, num_classes=num_classes), sd, what=f"Flax {net}")
-        return checkpoint.save_model(path, net, fmodel, num_classes, info)
     metadata = {"format": "pt", **{k: str(v) for k, v in info.items()}}  # "pt": what HF loaders expect
     return atomic_write_bytes(path, _serialize(fmt, sd, metadata))
 
 
 # --------------------------------------------------------------------------- converting
-def logit_delta(net: str, state_dict: Mapping[str, Any], fmodel: nnx.Module, seed: int = 0,
-                batch: int = 2) -> tuple[float, float, tuple[int, ...]]:
-    """Eval-mode logits of torch (holding ``state_dict``) vs ``fmodel`` on a fixed random batch.
-
-    Returns (max|Δ|, the parity tolerance 1e-5·max(1, max|torch logits|), input shape NCHW).
-    """
+def _eval_logits(net: str, state_dict: Mapping[str, Any], fmodel: nnx.Module, seed: int = 0,
+                 batch: int = 2) -> tuple[EvalLogits, tuple[int, ...]]:
+    """``parity.check.compare_eval_logits`` of the torch net holding ``state_dict`` and ``fmodel``
+    on a fixed random batch of the net's parity input, and that batch's NCHW shape. Imports torch
+    (here, not at the top: writing a file does not need it)."""
     import torch
 
     import torch_ref
-    from parity.check import LOGIT_RTOL, _call, _forward, nchw_to_nhwc
+    from parity.check import compare_eval_logits
 
     spec = flaxnets.get_spec(net)
     tmodel = torch_ref.create(net, num_classes=infer_num_classes(net, state_dict))
     tmodel.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in state_dict.items()}, strict=True)
-    tmodel.eval()
-    fmodel.eval()
     h, w, c = spec.check_shape
     x = np.random.RandomState(seed).randn(batch, c, h, w).astype(np.float32)
-    with torch.no_grad():
-        want = tmodel(torch.from_numpy(x)).numpy()
-    got = np.asarray(_call(_forward, spec.module == "densenet", fmodel, jnp.asarray(nchw_to_nhwc(x))))
-    if got.shape != want.shape:
-        raise ConversionCheckError(f"logits have shape {got.shape} in Flax, {want.shape} in torch")
-    delta = float(np.max(np.abs(got.astype(np.float64) - want)))
-    return delta, LOGIT_RTOL * max(1.0, float(np.max(np.abs(want)))), x.shape
+    return compare_eval_logits(tmodel, fmodel, x, jit=spec.many_small_ops), x.shape
 
 
 @dataclass
@@ -395,7 +343,7 @@ class Conversion:
     weights: Weights  # as read from src
     params: int
     delta: float  # max|Δ| of the eval logits, torch vs Flax
-    tolerance: float
+    tolerance: float  # LOGIT_RTOL·max(1, max|torch logits|)
     batch_shape: tuple[int, ...]
     dst_format: str
 
@@ -412,14 +360,18 @@ def convert_file(src: str | os.PathLike, dst: str | os.PathLike, net: str, num_c
     dst_format = output_format(dst)
     if dst.exists() and not force:  # before the (possibly long) read
         raise WeightsFileError(f"{dst} already exists; not overwriting it without --force")
-    fmodel, weights = read_flax_model(src, net, num_classes)
+    weights = read_weights(src, net, num_classes)
+    fmodel = torch_to_flax(net, weights.state_dict, weights.num_classes)
     sd = to_numpy_state_dict(fmodel)
-    delta, tol, shape = logit_delta(net, sd, fmodel)
-    if not delta <= tol:  # NaN fails too
-        raise ConversionCheckError(f"torch and Flax logits differ by {delta:.2e} > tolerance {tol:.2e}; "
-                                   f"nothing written")
+    logits, batch_shape = _eval_logits(net, sd, fmodel)
+    if not logits.same_shape:
+        raise ConversionCheckError(f"logits have shape {logits.flax_out.shape} in Flax, "
+                                   f"{logits.torch_out.shape} in torch")
+    if not logits.ok:
+        raise ConversionCheckError(f"torch and Flax logits differ by {logits.max_abs:.2e} > tolerance "
+                                   f"{logits.tolerance:.2e}; nothing written")
     write_weights(dst, net, fmodel, weights.num_classes, source=src, force=force)
-    back = read_weights(dst, net, model=fmodel if dst_format == "flax" else None).state_dict
-    if not same_state_dict(back, sd):
+    if not same_state_dict(read_weights(dst, net).state_dict, sd):
         raise ConversionCheckError(f"{dst} was written but does not read back bit-exact")
-    return Conversion(src, dst, net, weights, count_params(fmodel), delta, tol, shape, dst_format)
+    return Conversion(src, dst, net, weights, count_params(fmodel), logits.max_abs, logits.tolerance,
+                      batch_shape, dst_format)

@@ -1,7 +1,7 @@
 """``torch.save``'s file format for a state_dict of numpy arrays, written without importing torch.
 
-A JAX run ends by exporting ``model.pt``; importing torch only to write it cost ~3.8 s of the
-~40 s LeNet run (measured 2026-11-22, 2-core CPU). The layout is torch 2.x's zip archive as
+A JAX run ends by exporting ``model.pt``; importing torch only to write it costs ~3.8 s of the
+~40 s LeNet run (2-core CPU). The layout is torch 2.x's zip archive as
 ``torch.save`` writes it (records listed below, storages 64-byte aligned so ``mmap=True`` works),
 and the pickle uses only what ``torch.load(weights_only=True)`` accepts.
 """

@@ -9,13 +9,18 @@ from pathlib import Path
 
 from flaxnets.registry import UnknownNetError, get_spec, list_nets
 
+# Run as ``python scripts/NAME.py``, Python puts scripts/ first on sys.path, and scripts/parity.py
+# would then hide the parity package: take that entry off (the packages are installed).
+if __name__ == "__main__" and Path(sys.path[0] or ".").resolve() == Path(__file__).resolve().parent:
+    del sys.path[0]
+
 
 def main(argv: list[str] | None = None) -> int:
     """Print accuracy and the per-class table; write confusion_matrix.png, per_class.csv, samples.png."""
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--net", required=True, help=f"one of: {', '.join(list_nets())}")
     p.add_argument("--weights", required=True,
-                   help="a run directory, a .flax checkpoint, or .pt/.pth/.th/.safetensors weights")
+                   help="a run directory (its model.pt), or a .pt/.pth/.th/.bin or .safetensors weights file")
     p.add_argument("--data-dir", help="the recipe's data (as for train.py) or an image folder")
     p.add_argument("--backend", default="jax", choices=["jax", "torch"])
     p.add_argument("--mean", type=float, nargs="+", help="per-channel mean after scaling to [0, 1]")
@@ -31,7 +36,6 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     from flaxnets import metrics, plots
-    from flaxnets.fit import CheckpointError
     from flaxnets.compile_cache import enable_compile_cache
 
     enable_compile_cache()
@@ -45,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     except StateDictMismatchError as e:
         print(f"error: {args.weights} does not hold {args.net!r} weights: {e.summary()}", file=sys.stderr)
         return 1
-    except (FileNotFoundError, ValueError, CheckpointError) as e:
+    except (FileNotFoundError, ValueError) as e:  # WeightsFileError is a ValueError
         print(f"error: {str(e).splitlines()[0]}", file=sys.stderr)
         return 1
     for note in r.notes:

@@ -5,8 +5,14 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from pathlib import Path
 
 from flaxnets.registry import UnknownNetError, get_spec, list_nets
+
+# Run as ``python scripts/NAME.py``, Python puts scripts/ first on sys.path, and scripts/parity.py
+# would then hide the parity package: take that entry off (the packages are installed).
+if __name__ == "__main__" and Path(sys.path[0] or ".").resolve() == Path(__file__).resolve().parent:
+    del sys.path[0]
 
 
 def main(argv: list[str] | None = None) -> int:

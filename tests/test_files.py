@@ -1,4 +1,5 @@
-"""Weight files: bit-exact round trips for every net, checkpoints as found, safe and atomic I/O."""
+"""Weight files (PyTorch pickles, safetensors): bit-exact round trips for every net, checkpoints as
+found, safe and atomic I/O."""
 
 from __future__ import annotations
 
@@ -17,15 +18,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from flax import nnx
 from safetensors import safe_open
 from safetensors.torch import load_file
 
 import flaxnets
 import torch_ref
-from flaxnets import checkpoint
 from parity import load_state_dict
 from parity.check import randomize_torch
-from parity.files import WeightsFileError, read_flax_model, read_weights, write_weights
+from parity.files import WeightsFileError, read_weights, write_weights
 from scripts.convert import main
 
 NET = "resnet20"  # the net of the CLI tests: BatchNorm, shortcuts, cheap to build and run
@@ -50,12 +51,17 @@ def assert_same_tensors(got: dict, want: dict) -> None:
         assert torch.equal(torch.as_tensor(got[k]), v), k
 
 
-def assert_same_flax(a: Path, b: Path) -> None:
-    """Two .flax files hold the same net, class count and arrays, bit for bit."""
-    ca, cb = checkpoint.load(a), checkpoint.load(b)
-    assert (ca.net, ca.num_classes, sorted(ca.model)) == (cb.net, cb.num_classes, sorted(cb.model))
-    for k, v in ca.model.items():
-        assert v.dtype == cb.model[k].dtype and np.array_equal(v, cb.model[k]), k
+def flax_arrays(model: nnx.Module) -> dict[tuple, np.ndarray]:
+    """Every variable of a Flax model but its RNG state (no weights file holds it) by path, as numpy
+    arrays."""
+    return {p: np.array(v[...]) for p, v in nnx.to_flat_state(nnx.state(model, nnx.Not(nnx.RngState)))}
+
+
+def assert_same_arrays(got: dict, want: dict) -> None:
+    """Same keys, dtypes, shapes and bits (numpy arrays)."""
+    assert sorted(got) == sorted(want)
+    for k, v in want.items():
+        assert got[k].dtype == v.dtype and got[k].shape == v.shape and np.array_equal(got[k], v), k
 
 
 # --------------------------------------------------------------------------- round trips
@@ -67,9 +73,10 @@ BIG = [n for n in flaxnets.list_nets() if n not in SMALL]
 
 
 class Chain:
-    """One Flax model of ``name`` and random torch weights; ``step`` reads a file into the model
-    and writes it back out. The model starts abstract (shapes only) for the big nets, and is
-    zeroed before every read but the first, so that a read that loaded nothing fails."""
+    """One Flax model of ``name`` and random torch weights; ``step`` reads a file into the model,
+    checks that the model holds the first read's arrays bit for bit (flax -> file -> flax), and
+    writes it back out. The model starts abstract (shapes only) for the big nets, and is zeroed
+    before every read but the first, so that a read that loaded nothing fails."""
 
     def __init__(self, name: str, tmp_path: Path):
         self.name, self.dir = name, tmp_path
@@ -77,30 +84,32 @@ class Chain:
         self.fmodel = flaxnets.create_for_loading(name)
         self.zeros = {k: np.zeros(v.shape, v.numpy().dtype) for k, v in self.sd0.items()}
         torch.save(self.sd0, tmp_path / "start.pt")  # as a PyTorch user saves it
-        self.fresh = True
+        self.first: dict[tuple, np.ndarray] | None = None
 
     def step(self, src: str, dst: str) -> Path:
-        if not self.fresh:
+        if self.first is not None:
             load_state_dict(self.fmodel, self.zeros)
-        self.fresh = False
-        read_flax_model(self.dir / src, self.name, model=self.fmodel)
+        load_state_dict(self.fmodel, read_weights(self.dir / src, self.name).state_dict)
+        arrays = flax_arrays(self.fmodel)
+        if self.first is None:
+            self.first = arrays
+        else:
+            assert_same_arrays(arrays, self.first)  # flax -> torch layout file -> flax
         return write_weights(self.dir / dst, self.name, self.fmodel)
 
 
 @pytest.mark.parametrize("name", SMALL)
 def test_round_trips_through_every_format_are_bit_exact(name, tmp_path):
-    """pt -> safetensors -> flax -> pt -> flax -> safetensors -> flax: torch->flax->torch and
-    flax->torch->flax through each torch format, every file read back into the Flax model."""
+    """pt -> safetensors -> pt -> safetensors -> pt: torch->flax->torch and flax->torch->flax
+    through each format, every file read back into the Flax model."""
     ch = Chain(name, tmp_path)
     assert_same_tensors(load_file(ch.step("start.pt", "a.safetensors")), ch.sd0)  # torch -> flax -> torch
-    ch.step("a.safetensors", "b.flax")
-    back = torch.load(ch.step("b.flax", "c.pt"), weights_only=True)
-    assert_same_tensors(back, ch.sd0)  # torch -> flax -> torch through a .flax file
+    back = torch.load(ch.step("a.safetensors", "b.pt"), weights_only=True)  # flax -> safetensors -> flax
+    assert_same_tensors(back, ch.sd0)
     assert list(back) == list(ch.sd0)  # in torch's own key order
     torch_ref.create(name).load_state_dict(back, strict=True)
-    assert_same_flax(ch.step("c.pt", "d.flax"), tmp_path / "b.flax")  # flax -> torch (pt) -> flax
-    assert_same_tensors(load_file(ch.step("d.flax", "e.safetensors")), ch.sd0)
-    assert_same_flax(ch.step("e.safetensors", "f.flax"), tmp_path / "b.flax")  # flax -> safetensors -> flax
+    assert_same_tensors(load_file(ch.step("b.pt", "c.safetensors")), ch.sd0)  # flax -> pt -> flax
+    assert_same_tensors(torch.load(ch.step("c.safetensors", "d.pt"), weights_only=True), ch.sd0)
 
 
 def test_every_net_has_a_round_trip():
@@ -110,14 +119,13 @@ def test_every_net_has_a_round_trip():
 
 @pytest.mark.parametrize("name", BIG)
 def test_big_nets_round_trip_bit_exact_through_each_format_once(name, tmp_path):
-    """The cheapest path that still has both round trips and every format: pt -> flax ->
-    safetensors -> flax (the format code is the same for every net; the small nets take all paths)."""
+    """The cheapest path that still has both round trips and both formats: pt -> safetensors ->
+    pt (the format code is the same for every net; the small nets take all paths)."""
     ch = Chain(name, tmp_path)
-    ch.step("start.pt", "a.flax")
-    back = load_file(ch.step("a.flax", "b.safetensors"))
+    back = load_file(ch.step("start.pt", "a.safetensors"))
     assert_same_tensors(back, ch.sd0)  # torch (pt) -> flax -> torch (safetensors)
     torch_ref.create(name).load_state_dict(back, strict=True)
-    assert_same_flax(ch.step("b.safetensors", "c.flax"), tmp_path / "a.flax")  # flax -> torch -> flax
+    ch.step("a.safetensors", "b.pt")  # flax -> torch (safetensors) -> flax
 
 
 def test_every_torch_suffix_writes_a_bare_state_dict_and_content_decides_the_read_format(tmp_path):
@@ -131,10 +139,6 @@ def test_every_torch_suffix_writes_a_bare_state_dict_and_content_decides_the_rea
     (tmp_path / "m.safetensors").rename(tmp_path / "misnamed.bin")
     w = read_weights(tmp_path / "misnamed.bin", NET)
     assert w.format == "safetensors" and any("although its name says" in n for n in w.notes)
-    assert_same_tensors({k: torch.from_numpy(v) for k, v in w.state_dict.items()}, sd)
-    write_weights(tmp_path / "m.flax", NET, sd)  # a state_dict becomes a .flax through the Flax net
-    w = read_weights(tmp_path / "m.flax", NET)
-    assert (w.format, w.num_classes) == ("flax", 10)
     assert_same_tensors({k: torch.from_numpy(v) for k, v in w.state_dict.items()}, sd)
     with pytest.raises(WeightsFileError, match="num_classes 7 does not fit the weights' linear.weight"):
         write_weights(tmp_path / "seven.safetensors", NET, sd, num_classes=7)
@@ -168,8 +172,6 @@ def check_converted(out_path: Path, want: dict) -> None:
     """The CLI's output, read as a PyTorch user would, equals ``want`` bit for bit."""
     if out_path.suffix == ".safetensors":
         got = load_file(out_path)
-    elif out_path.suffix == ".flax":
-        got = {k: torch.from_numpy(v) for k, v in read_weights(out_path, NET).state_dict.items()}
     else:
         got = torch.load(out_path, weights_only=True)
     assert_same_tensors(got, want)
@@ -189,7 +191,7 @@ def test_a_wrapped_state_dict_is_unwrapped_and_the_rest_reported(key, sd20, tmp_
 
 @pytest.mark.parametrize("prefix", ["module.", "_orig_mod.", "_orig_mod.module."])
 def test_dataparallel_and_compile_prefixes_are_stripped(prefix, sd20, tmp_path, capsys):
-    src, dst = tmp_path / "ddp.pt", tmp_path / "out.flax"
+    src, dst = tmp_path / "ddp.pt", tmp_path / "out.safetensors"
     torch.save({"model_state_dict": {prefix + k: v for k, v in sd20.items()}}, src)
     code, out, err = convert(capsys, "--net", NET, src, dst)
     assert code == 0, err
@@ -265,23 +267,24 @@ def test_torchvisions_old_densenet121_checkpoint_converts(tmp_path, capsys):
 def test_missing_num_batches_tracked_in_a_modern_file_stays_an_error(sd20, tmp_path, capsys):
     src = tmp_path / "m.pt"
     torch.save({k: v for k, v in sd20.items() if k != "bn1.num_batches_tracked"}, src)
-    code, _, err = convert(capsys, "--net", NET, src, tmp_path / "out.flax")
+    code, _, err = convert(capsys, "--net", NET, src, tmp_path / "out.safetensors")
     assert code == 1 and "missing:    bn1.num_batches_tracked" in err
 
 
 def test_num_classes_is_inferred_from_the_classifier(tmp_path, capsys):
     sd = random_state_dict(NET, seed=3, num_classes=7)
-    src, dst = tmp_path / "seven.pt", tmp_path / "seven.flax"
+    src, dst = tmp_path / "seven.pt", tmp_path / "seven.safetensors"
     torch.save(sd, src)
     code, out, err = convert(capsys, "--net", NET, src, dst)
     assert code == 0, err
     assert "num_classes 7 (from linear.weight)" in out and "7 classes" in out
-    assert checkpoint.load(dst).num_classes == 7
-    code, _, _ = convert(capsys, "--net", NET, "--num-classes", "7", src, tmp_path / "again.flax")
+    with safe_open(str(dst), framework="pt") as f:
+        assert f.metadata()["num_classes"] == "7"
+    code, _, _ = convert(capsys, "--net", NET, "--num-classes", "7", src, tmp_path / "again.pt")
     assert code == 0
-    code, _, err = convert(capsys, "--net", NET, "--num-classes", "5", src, tmp_path / "five.flax")
+    code, _, err = convert(capsys, "--net", NET, "--num-classes", "5", src, tmp_path / "five.pt")
     assert code == 1 and "linear.weight: model expects (5, 64), state_dict has (7, 64)" in err
-    assert not (tmp_path / "five.flax").exists()
+    assert not (tmp_path / "five.pt").exists()
 
 
 def test_every_key_problem_is_listed_and_nothing_is_written(sd20, tmp_path, capsys):
@@ -337,7 +340,7 @@ def test_an_existing_output_is_only_overwritten_with_force(sd20, tmp_path, capsy
     check_converted(dst, sd20)
 
 
-@pytest.mark.parametrize("suffix", [".pt", ".safetensors", ".flax"])
+@pytest.mark.parametrize("suffix", [".pt", ".safetensors"])
 def test_a_failure_during_the_write_leaves_no_partial_output(suffix, sd20, tmp_path, capsys, monkeypatch):
     src, dst, new = tmp_path / "m.pt", tmp_path / f"old{suffix}", tmp_path / f"new{suffix}"
     torch.save(sd20, src)
@@ -360,10 +363,11 @@ def test_logits_beyond_the_tolerance_are_an_error_and_nothing_is_written(sd20, t
 
     src = tmp_path / "m.pt"
     torch.save(sd20, src)
-    monkeypatch.setattr(parity.check, "_forward", lambda model, x: model(x) + 1e-3)
-    code, out, err = convert(capsys, "--net", NET, src, tmp_path / "out.flax")
+    real = parity.check.flax_logits
+    monkeypatch.setattr(parity.check, "flax_logits", lambda model, x, jit=False: real(model, x, jit) + 1e-3)
+    code, out, err = convert(capsys, "--net", NET, src, tmp_path / "out.safetensors")
     assert_one_line_error(code, out, err, "logits differ by 1.00e-03 > tolerance")
-    assert not (tmp_path / "out.flax").exists()
+    assert not (tmp_path / "out.safetensors").exists()
 
 
 def test_outputs_carry_the_source_name_and_sha256(sd20, tmp_path, capsys):
@@ -375,23 +379,27 @@ def test_outputs_carry_the_source_name_and_sha256(sd20, tmp_path, capsys):
         meta = f.metadata()
     assert meta == {"format": "pt", "net": NET, "num_classes": "10", "source": "published.bin",
                     "source_sha256": sha}
-    assert convert(capsys, "--net", NET, tmp_path / "m.safetensors", tmp_path / "m.flax")[0] == 0
-    flax_meta = checkpoint.load(tmp_path / "m.flax").meta
-    assert flax_meta["source"] == "m.safetensors"
-    assert flax_meta["source_sha256"] == hashlib.sha256((tmp_path / "m.safetensors").read_bytes()).hexdigest()
+    assert convert(capsys, "--net", NET, tmp_path / "m.safetensors", tmp_path / "again.safetensors")[0] == 0
+    with safe_open(str(tmp_path / "again.safetensors"), framework="pt") as f:
+        again = f.metadata()
+    assert again["source"] == "m.safetensors"
+    assert again["source_sha256"] == hashlib.sha256((tmp_path / "m.safetensors").read_bytes()).hexdigest()
 
 
-def test_training_state_in_a_flax_file_is_ignored_and_reported(sd20, tmp_path, capsys):
-    fmodel = flaxnets.create(NET)
-    load_state_dict(fmodel, sd20)
-    src = tmp_path / "run.flax"
-    checkpoint.save(src, checkpoint.Checkpoint(NET, 10, checkpoint.model_to_flat(fmodel),
-                                               train={"opt.mu": np.zeros(3), "step": np.array(7)},
-                                               meta={"epoch": 7}))
-    code, out, err = convert(capsys, "--net", NET, src, tmp_path / "model.pt")
-    assert code == 0, err
-    assert "ignored the training state stored with the weights (2 arrays)" in out
-    check_converted(tmp_path / "model.pt", sd20)
+def test_a_flax_file_is_one_line_error_naming_the_weights_formats(sd20, tmp_path, capsys):
+    """.flax is not a weights file format, neither to read nor to write."""
+    supported = "PyTorch (.pt, .pth, .th, .bin) or safetensors (.safetensors)"
+    src = tmp_path / "m.pt"
+    torch.save(sd20, src)
+    code, out, err = convert(capsys, "--net", NET, src, tmp_path / "out.flax")
+    assert_one_line_error(code, out, err, "unknown weights file type '.flax'", supported)
+    assert not (tmp_path / "out.flax").exists()
+    old = tmp_path / "best.flax"
+    old.write_bytes(b"FLAXNETS\x01" + bytes(64))  # a single-file flaxnets checkpoint's header
+    code, out, err = convert(capsys, "--net", NET, old, tmp_path / "out.pt")
+    assert_one_line_error(code, out, err, f"{old} is not a weights file of a supported format", supported)
+    with pytest.raises(WeightsFileError, match=re.escape(supported)):
+        read_weights(old, NET)
 
 
 def test_unreadable_inputs_are_one_line_errors(sd20, tmp_path, capsys):
@@ -402,7 +410,7 @@ def test_unreadable_inputs_are_one_line_errors(sd20, tmp_path, capsys):
     cases = [
         (["--net", "resnet21", text, "o.pt"], "unknown net 'resnet21'; valid nets: lenet"),
         (["--net", NET, tmp_path / "missing.pt", "o.pt"], "No such file or directory"),
-        (["--net", NET, text, "o.pt"], "is not a PyTorch, safetensors or flaxnets weights file"),
+        (["--net", NET, text, "o.pt"], "is not a weights file of a supported format: PyTorch"),
         (["--net", NET, no_sd, "o.pt"], "no state_dict found: the dict holds epoch (int), ema (dict)"),
         (["--net", "resnet32", st, "o.pt"], "holds 'resnet20' weights (its metadata says), not 'resnet32'"),
         (["--net", NET, st, tmp_path / "o.npz"], "unknown weights file type '.npz'"),

@@ -17,7 +17,7 @@ from flaxnets.layers import Conv2D, corr2d
 from flaxnets.introspect import count_params
 from parity.convert import to_numpy_state_dict
 
-# the issue's table, written out again on purpose: the registry must agree with it
+# the table of nets, written out again on purpose: the registry must agree with it
 PARAMS = {
     "lenet": 44_426, "dilated": 170_314, "net": 18_090, "net_width": 38_386, "net_dropout": 38_386,
     "net_batchnorm": 38_482, "resnet20": 269_722, "resnet32": 464_154, "resnet44": 658_586,
@@ -28,6 +28,16 @@ PARAMS = {
 
 def test_registry_lists_every_net_of_the_table():
     assert flaxnets.list_nets() == list(PARAMS)
+
+
+def test_the_densenets_are_the_nets_of_many_small_ops_and_load_abstract():
+    """``many_small_ops``: parity checks run these jitted, ``create_for_loading`` builds them
+    from shapes only; every other net is created (resnet1202 would trace for minutes)."""
+    many = [n for n in flaxnets.list_nets() if flaxnets.get_spec(n).many_small_ops]
+    assert many == ["densenet121", "densenet169", "densenet201", "densenet121_se"]
+    abstract = flaxnets.create_for_loading("densenet121_se")
+    assert all(isinstance(a, jax.ShapeDtypeStruct) for a in jax.tree.leaves(nnx.state(abstract)))
+    assert all(isinstance(a, jax.Array) for a in jax.tree.leaves(nnx.state(flaxnets.create_for_loading("lenet"))))
 
 
 @pytest.mark.parametrize("name", list(PARAMS))
@@ -123,8 +133,8 @@ def test_initialisers_give_the_numbers_of_a_direct_draw(shape):
 
 
 def test_creating_a_densenet_compiles_a_few_programs_not_one_per_layer_shape():
-    """Eagerly, every new shape is a new XLA program: DenseNet-121 compiled 108 (14 of its 23 s)
-    before random draws were made in power-of-two lengths and BatchNorm's constants on the host."""
+    """Eagerly, every new shape is a new XLA program; random draws in power-of-two lengths and
+    BatchNorm's constants made on the host keep DenseNet-121's creation to a few programs."""
     compiles = []
 
     def listen(event: str, duration: float, **kw) -> None:

@@ -11,8 +11,8 @@ import torch
 
 import flaxnets
 import torch_ref
-from parity.check import (check_net, check_torchvision_densenet121, first_divergence, layer_deltas,
-                          randomize_torch, runs_jitted)
+from parity.check import (check_net, check_torchvision_densenet121, compare_eval_logits, first_divergence,
+                          layer_deltas, randomize_torch)
 from parity.convert import torch_to_flax
 from tests.child import DEEP, call_in_child
 
@@ -30,7 +30,7 @@ def test_net_passes_parity(name):
     # A jitted check (the DenseNets) is a few big programs, compiled faster with the child's flag;
     # an eager one (ResNets) is hundreds of small programs that XLA's full optimisation runs far
     # faster (resnet1202's check 166 s with the flag, 88 s without; 2-core CPU).
-    res = (call_in_child(f"{__name__}.parity_summary", name, fast_compile=runs_jitted(name))
+    res = (call_in_child(f"{__name__}.parity_summary", name, fast_compile=flaxnets.get_spec(name).many_small_ops)
            if name in DEEP else parity_summary(name))
     assert res["ok"], res["failures"]
     assert res["flax_params"] == res["torch_params"] == flaxnets.get_spec(name).params
@@ -80,9 +80,21 @@ def test_the_first_divergent_layer_is_named(name, layer):
         module = getattr(module, part)
     var = module.var if hasattr(module, "var") else module.kernel
     var.set_value(var[...] * 1.5)  # a conversion bug in exactly one layer
-    hit = first_divergence(t, f, x, jit=runs_jitted(name))
+    hit = first_divergence(t, f, x, jit=flaxnets.get_spec(name).many_small_ops)
     assert hit is not None and hit.path == layer, hit
     assert hit.delta > 1e-5
+
+
+def test_eval_logits_are_held_against_the_tolerance_relative_to_their_size():
+    t, f, x = _pair("resnet20")
+    logits = compare_eval_logits(t, f, x)
+    assert logits.same_shape and logits.ok and logits.delta <= 1e-5
+    assert logits.scale == max(1.0, float(np.abs(logits.torch_out).max()))
+    assert logits.tolerance == 1e-5 * logits.scale and logits.max_abs <= logits.tolerance
+    off = type(logits)(logits.torch_out, logits.flax_out + 2e-5 * logits.scale)
+    assert not off.ok and off.max_abs > off.tolerance
+    cut = type(logits)(logits.torch_out, logits.flax_out[:, :3])
+    assert not cut.same_shape and not cut.ok
 
 
 def test_check_reports_a_broken_conversion(monkeypatch):

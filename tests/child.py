@@ -17,6 +17,16 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 DEEP = {"resnet1202", "densenet121", "densenet121_se", "densenet169", "densenet201"}
+# The nets whose tests belong to the slow tier (pytest -m "not slow" leaves them out): the deep
+# ones and the ResNets past resnet20, whose compiles alone take tens of seconds each.
+SLOW_NETS = DEEP | {"resnet32", "resnet44", "resnet56", "resnet110"}
+
+
+def by_tier(names: list[str]) -> list[Any]:
+    """``names`` as pytest parameters, those of SLOW_NETS marked ``slow``."""
+    import pytest
+
+    return [pytest.param(n, marks=pytest.mark.slow) if n in SLOW_NETS else n for n in names]
 FAST_COMPILE_FLAGS = "--xla_backend_optimization_level=0"
 
 _CHILD = ("import importlib, json, sys; mod, fn = sys.argv[1].rsplit('.', 1); "

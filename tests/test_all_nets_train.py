@@ -22,7 +22,7 @@ from flaxnets import data
 from flaxnets.data import Dataset, load_dataset
 from flaxnets.fit import fit
 from flaxnets.recipes import recipe_for
-from tests.child import DEEP, call_in_child
+from tests.child import DEEP, by_tier, call_in_child
 
 BATCH = 4
 MOCK_EXAMPLES = 40  # mock_data repeats them as the test split; cifar2 keeps the ~1/5 that are 0 or 2
@@ -111,7 +111,7 @@ def _train_in_child(name: str, ds: Dataset, tmp_path: Path) -> dict[str, Any]:
 # (seed 1) when this test last asserted them finite, and NaN once the first conv's tap sum
 # (flaxnets.layers) changed its rounding by ~1e-7: finite only by luck. Its train loss,
 # metrics and weights are checked as every other net's.
-@pytest.mark.parametrize("name", flaxnets.list_nets())
+@pytest.mark.parametrize("name", by_tier(flaxnets.list_nets()))
 def test_one_short_epoch_on_mock_data(name, mock_datasets, tmp_path):
     dataset = recipe_for(name).dataset
     ds = mock_datasets(dataset)

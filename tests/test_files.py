@@ -117,6 +117,7 @@ def test_every_net_has_a_round_trip():
     assert {"resnet1202", "densenet121", "densenet169", "densenet201", "densenet121_se"} == set(BIG)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", BIG)
 def test_big_nets_round_trip_bit_exact_through_each_format_once(name, tmp_path):
     """The cheapest path that still has both round trips and both formats: pt -> safetensors ->

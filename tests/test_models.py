@@ -16,6 +16,7 @@ from flaxnets import layers
 from flaxnets.layers import Conv2D, corr2d
 from flaxnets.introspect import count_params
 from parity.convert import to_numpy_state_dict
+from tests.child import by_tier
 
 # the table of nets, written out again on purpose: the registry must agree with it
 PARAMS = {
@@ -40,7 +41,7 @@ def test_the_densenets_are_the_nets_of_many_small_ops_and_load_abstract():
     assert all(isinstance(a, jax.Array) for a in jax.tree.leaves(nnx.state(flaxnets.create_for_loading("lenet"))))
 
 
-@pytest.mark.parametrize("name", list(PARAMS))
+@pytest.mark.parametrize("name", by_tier(list(PARAMS)))
 def test_parameter_counts_and_output_shapes(name):
     spec = flaxnets.get_spec(name)
     fmodel = flaxnets.create(name)

@@ -14,7 +14,7 @@ import torch_ref
 from parity.check import (check_net, check_torchvision_densenet121, compare_eval_logits, first_divergence,
                           layer_deltas, randomize_torch)
 from parity.convert import torch_to_flax
-from tests.child import DEEP, call_in_child
+from tests.child import DEEP, by_tier, call_in_child
 
 
 def parity_summary(name: str) -> dict[str, Any]:
@@ -25,7 +25,7 @@ def parity_summary(name: str) -> dict[str, Any]:
             "logits_delta": res.logits_delta, "grads_delta": res.grads_delta}
 
 
-@pytest.mark.parametrize("name", flaxnets.list_nets())
+@pytest.mark.parametrize("name", by_tier(flaxnets.list_nets()))
 def test_net_passes_parity(name):
     # A jitted check (the DenseNets) is a few big programs, compiled faster with the child's flag;
     # an eager one (ResNets) is hundreds of small programs that XLA's full optimisation runs far
@@ -38,6 +38,7 @@ def test_net_passes_parity(name):
     assert res["logits_delta"] <= 1e-5 and res["grads_delta"] <= 1e-4
 
 
+@pytest.mark.slow
 def test_torchvision_densenet121_converts_and_matches():
     res = check_torchvision_densenet121()
     assert res.ok, res.failures

@@ -1,195 +1,329 @@
-"""The Flax checkpoint file (``*.flax``): model weights, optionally the training state, one file.
+"""JAX training checkpoints through orbax-checkpoint: one directory per checkpoint.
 
-Layout: 8-byte magic ``FLAXNETS``, 1-byte format version, the SHA-256 of the payload, then a
-msgpack payload (``flax.serialization``) ``{"net", "num_classes", "meta" (JSON text), "model":
-{"conv1.kernel": array, ...}, "train": {"path": array, ...} or absent}``. The checksum makes a
-truncated or bit-flipped file an error instead of silently wrong weights, and every write goes
-through a temporary file + ``fsync`` + ``os.replace``, so a crash during a save leaves the old
-file intact. Model keys are the dotted paths of ``nnx.to_pure_dict`` (the state_dict prefixes).
+A checkpoint is an orbax ``CheckpointManager`` directory that keeps one step (the epoch)::
+
+    last/<step>/state       the arrays: orbax StandardSave (OCDBT + zarr), a nested dict of names
+    last/<step>/meta        JSON: the caller's meta (net, class count, epoch, metrics, ...)
+    last/<step>/integrity   JSON: format, version and the SHA-256 of every array
+
+Orbax writes a step into ``<step>.orbax-checkpoint-tmp`` and renames it when every item is
+written, then deletes the older step: a process killed during a save leaves the previous step
+loadable, and the next save removes the unfinished directory. Saving is collective: on a
+multi-host run every process calls ``save`` with the same global arrays (orbax writes each
+replicated array once, from process 0) and ``load`` returns global arrays placed like the
+template's.
+
+The SHA-256s are checked on load because tensorstore checksums the OCDBT manifest and index but
+not the array chunks: a flipped bit in a chunk file loads, without them, as a wrong weight.
+Whatever orbax or tensorstore raise on a damaged or missing checkpoint becomes one
+``CheckpointError`` naming the directory and the problem.
+
+PRNG key arrays (dropout RNG state) are stored as their raw key data (uint32) and wrapped back
+with the template key's implementation.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
-from dataclasses import dataclass, field
+import sys
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import jax
 import numpy as np
-from flax import nnx, serialization
+import orbax.checkpoint as ocp
 
 from flaxnets.fit import CheckpointError
-from flaxnets.runs import atomic_write_bytes
 
-MAGIC = b"FLAXNETS"
+FORMAT = "flaxnets-jax-checkpoint"
 VERSION = 1
-SUFFIX = ".flax"
-_HEADER = len(MAGIC) + 1 + 32
+ITEMS = ("state", "meta", "integrity")
 
 
-
-
-@dataclass
-class Checkpoint:
-    """The contents of one checkpoint file."""
-
-    net: str
-    num_classes: int
-    model: dict[str, np.ndarray]  # dotted path -> array (params and batch statistics)
-    train: dict[str, np.ndarray] | None = None  # flattened training state (optimiser, ...)
-    meta: dict[str, Any] = field(default_factory=dict)  # JSON-able: epoch, metrics, config
-
-
-# --------------------------------------------------------------------------- pytree <-> flat dict
+# --------------------------------------------------------------------------- trees <-> names
 def _is_key(a: Any) -> bool:
-    return isinstance(a, jax.Array) and jax.dtypes.issubdtype(a.dtype, jax.dtypes.prng_key)
+    return jax.dtypes.issubdtype(getattr(a, "dtype", None), jax.dtypes.prng_key)
 
 
-def flatten_tree(tree: Any) -> dict[str, np.ndarray]:
-    """Leaves of ``tree`` as {key path string: numpy array} (PRNG keys as their raw key data)."""
-    out = {}
-    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
-        if _is_key(leaf):
-            leaf = jax.random.key_data(leaf)
-        out[jax.tree_util.keystr(path)] = np.asarray(leaf)
+def _part(k: Any) -> str:
+    for attr in ("key", "idx", "name"):  # DictKey / FlattenedIndexKey, SequenceKey, GetAttrKey
+        if hasattr(k, attr):
+            return str(getattr(k, attr))
+    raise TypeError(f"unsupported pytree key {k!r}")
+
+
+def leaf_names(tree: Any) -> list[tuple[str, ...]]:
+    """Each leaf's name in ``tree``'s flatten order: its key path as strings, without the
+    trailing ``.value`` attribute of an ``nnx.Variable``."""
+    names = []
+    for path, _ in jax.tree_util.tree_flatten_with_path(tree)[0]:
+        if path and isinstance(path[-1], jax.tree_util.GetAttrKey) and path[-1].name == "value":
+            path = path[:-1]
+        names.append(tuple(_part(k) for k in path))
+    return names
+
+
+def as_dict(*trees: Any) -> dict[str, Any]:
+    """The leaves of ``trees`` as one nested dict by their names (the checkpoint's layout);
+    ``nnx.split``'s parts of one model merge back into the model's nested dict."""
+    out: dict[str, Any] = {}
+    for tree in trees:
+        for name, leaf in zip(leaf_names(tree), jax.tree.leaves(tree)):
+            node = out
+            for part in name[:-1]:
+                node = node.setdefault(part, {})
+            if name[-1] in node:
+                raise ValueError(f"two leaves named {'/'.join(name)}")
+            node[name[-1]] = leaf
     return out
 
 
-def _check_fit(what: str, missing: list[str], unexpected: list[str], bad: list[str]) -> None:
-    """Raise one CheckpointError that lists every missing, unexpected and mis-shaped key."""
+def from_dict(template: Any, d: dict[str, Any]) -> Any:
+    """``template``'s pytree with each leaf taken from ``d`` by its name (``as_dict``'s inverse;
+    ``d`` may hold more)."""
+    leaves = []
+    for name in leaf_names(template):
+        node = d
+        for part in name:
+            node = node[part]
+        leaves.append(node)
+    return jax.tree_util.tree_unflatten(jax.tree.structure(template), leaves)
+
+
+def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{'model/conv1/kernel': leaf} of a nested dict (the names checkpoint errors use)."""
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(flatten(v, f"{prefix}{k}/"))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def _nest(flat: dict[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for name, v in flat.items():
+        *parents, last = name.split("/")
+        node = out
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[last] = v
+    return out
+
+
+def _host(a: Any) -> np.ndarray:
+    """A (replicated) array's value on this host."""
+    if isinstance(a, jax.Array) and not a.is_fully_addressable:
+        if not a.sharding.is_fully_replicated:
+            raise ValueError("checkpoint checksums need replicated arrays")
+        a = a.addressable_data(0)
+    return np.asarray(a)
+
+
+def _sha256(a: np.ndarray) -> str:
+    return hashlib.sha256(np.ascontiguousarray(a).view(np.uint8)).hexdigest()
+
+
+# --------------------------------------------------------------------------- orbax
+def _options(write: bool) -> ocp.CheckpointManagerOptions:
+    return ocp.CheckpointManagerOptions(
+        max_to_keep=1, create=write, enable_async_checkpointing=False,
+        cleanup_tmp_directories=write)
+
+
+@contextlib.contextmanager
+def _manager(path: Path, write: bool) -> Iterator[ocp.CheckpointManager]:
+    handlers = {"state": ocp.StandardCheckpointHandler(), "meta": ocp.JsonCheckpointHandler(),
+                "integrity": ocp.JsonCheckpointHandler()}
+    mngr = ocp.CheckpointManager(path.absolute(), options=_options(write), item_handlers=handlers)
+    try:
+        yield mngr
+    finally:
+        mngr.close()
+
+
+def _read(where: Path, fn: Callable[[], Any]) -> Any:
+    """``fn()``, with whatever orbax or tensorstore raise as one CheckpointError about ``where``."""
+    _drop_abandoned_reads()
+    try:
+        return fn()
+    except OSError as e:
+        raise CheckpointError(f"cannot read {where}: {e.strerror or e}") from None
+    except Exception as e:  # KeyError, ValueError, JSONDecodeError, plain Exception, ...
+        raise CheckpointError(f"{where} is corrupt or truncated ({_reason(e)})") from None
+
+
+_dropping = False
+
+
+def _drop_abandoned_reads() -> None:
+    """Silence the reads a failed restore leaves behind (installed once, before the first read).
+
+    Orbax stops at the first failed read and closes its event loop; the other reads finish on
+    tensorstore's threads, some before the failure has reached this module, and each reports
+    'Event loop is closed' or its own error as an 'Exception ignored' traceback on stderr. This
+    unraisable-exception hook drops those two kinds and passes every other one on to the hook
+    it replaces.
+    """
+    global _dropping
+    if _dropping:
+        return
+    _dropping = True
+    previous = sys.unraisablehook
+
+    def hook(u: Any) -> None:
+        code = getattr(u.object, "cr_code", None)  # a coroutine of orbax's
+        tb = u.exc_traceback
+        while tb is not None and tb.tb_next is not None:
+            tb = tb.tb_next
+        if (code is not None and f"{os.sep}orbax{os.sep}" in code.co_filename) or (
+                isinstance(u.exc_value, RuntimeError) and str(u.exc_value) == "Event loop is closed"
+                and tb is not None and tb.tb_frame.f_code.co_name == "_check_closed"):
+            return
+        previous(u)
+
+    sys.unraisablehook = hook
+
+
+def _reason(e: BaseException) -> str:
+    """An orbax/tensorstore exception as one short line: its root cause (orbax wraps
+    tensorstore's status message in an Exception that prints the whole TensorStore spec)."""
+    while (e.__cause__ or e.__context__) is not None:
+        e = e.__cause__ or e.__context__
+    text = " ".join(str(e).split()) or type(e).__name__
+    if len(text) > 240:
+        text = f"{text[:110]} ... {text[-110:]}"
+    return f"{type(e).__name__}: {text}"
+
+
+def steps(path: str | Path) -> list[int]:
+    """The finished steps in checkpoint directory ``path`` (none if it does not exist)."""
+    path = Path(path)
+    return sorted(ocp.utils.checkpoint_steps(path)) if path.is_dir() else []
+
+
+def exists(path: str | Path) -> bool:
+    """Whether ``path`` holds a finished checkpoint."""
+    return bool(steps(path))
+
+
+def save(path: str | Path, tree: Any, meta: dict[str, Any], *, step: int) -> Path:
+    """Write ``tree`` (nested dict of str -> array; jax arrays, replicated when multi-host) and
+    the JSON-able ``meta`` as step ``step`` of checkpoint directory ``path``; the older step is
+    deleted once this one is complete. Collective: every process of a multi-host run calls it."""
+    path = Path(path)
+    flat = {k: jax.random.key_data(v) if _is_key(v) else v for k, v in flatten(tree).items()}
+    integrity = {"format": FORMAT, "version": VERSION,
+                 "sha256": {k: _sha256(_host(v)) for k, v in flat.items()}}
+    meta = json.loads(json.dumps(meta, default=str))  # tuples as lists, as load returns them
+    with _manager(path, write=True) as mngr:
+        for old in mngr.all_steps():
+            if old >= step:  # a new run over an older run's checkpoints
+                mngr.delete(old)
+        mngr.save(step, force=True, args=ocp.args.Composite(
+            state=ocp.args.StandardSave(_nest(flat)), meta=ocp.args.JsonSave(meta),
+            integrity=ocp.args.JsonSave(integrity)))
+    return path
+
+
+def read_meta(path: str | Path, step: int | None = None) -> tuple[int, dict[str, Any]]:
+    """(step, meta) of the latest (or the given) step of ``path``, without reading the arrays."""
+    step, meta, _, _ = _read_json(Path(path), step)
+    return step, meta
+
+
+def _read_json(path: Path, step: int | None) -> tuple[int, dict[str, Any], dict[str, Any], Any]:
+    """(step, meta, integrity, stored array metadata) of a checkpoint, checked for its format."""
+    found = steps(path)
+    if not found:
+        what = ("no finished checkpoint" if path.is_dir() else "not a checkpoint directory"
+                if path.exists() else "no such directory")
+        raise CheckpointError(f"{path}: {what}")
+    step = found[-1] if step is None else step
+    if step not in found:
+        raise CheckpointError(f"{path} has no step {step} (steps: {found})")
+    where = path / str(step)
+    for item in ITEMS:
+        if not (where / item).is_dir():
+            raise CheckpointError(f"{where} is incomplete or not a flaxnets JAX checkpoint (no {item}/)")
+
+    def read() -> tuple[Any, Any, Any]:
+        with _manager(path, write=False) as mngr:
+            got = mngr.restore(step, args=ocp.args.Composite(
+                meta=ocp.args.JsonRestore(), integrity=ocp.args.JsonRestore()))
+            stored = mngr.item_metadata(step)["state"]
+        return got["meta"], got["integrity"], None if stored is None else dict(stored)
+
+    meta, integrity, stored = _read(where, read)
+    if not isinstance(integrity, dict) or integrity.get("format") != FORMAT:
+        raise CheckpointError(f"{where} is not a flaxnets JAX checkpoint")
+    if integrity.get("version") != VERSION:
+        raise CheckpointError(f"{where} has checkpoint format version {integrity.get('version')}; "
+                              f"this flaxnets reads version {VERSION}")
+    if not isinstance(meta, dict) or stored is None:
+        raise CheckpointError(f"{where} is corrupt or truncated (no meta or no array metadata)")
+    return step, meta, integrity, stored
+
+
+def _check_fit(where: Path, stored: dict[str, Any], want: dict[str, Any]) -> None:
+    """One CheckpointError listing every missing, unexpected and mis-shaped array."""
+    missing = [k for k in want if k not in stored]
+    unexpected = [k for k in stored if k not in want]
+    bad = [f"{k}: checkpoint {tuple(stored[k].shape)} {np.dtype(stored[k].dtype)}, expected "
+           f"{tuple(want[k].shape)} {np.dtype(want[k].dtype)}" for k in want if k in stored
+           and (tuple(stored[k].shape), np.dtype(stored[k].dtype)) != (tuple(want[k].shape), np.dtype(want[k].dtype))]
     if not (missing or unexpected or bad):
         return
-    lines = [f"the checkpoint's {what} does not fit:"]
+    lines = [f"the arrays of {where} do not fit:"]
     lines += [f"  missing: {k}" for k in missing[:20]] + [f"  unexpected: {k}" for k in unexpected[:20]]
-    lines += [f"  shape: {b}" for b in bad[:20]]
+    lines += [f"  mismatch: {b}" for b in bad[:20]]
     if max(len(missing), len(unexpected), len(bad)) > 20:
         lines.append(f"  ... ({len(missing)} missing, {len(unexpected)} unexpected, {len(bad)} mis-shaped)")
     raise CheckpointError("\n".join(lines))
 
 
-def unflatten_like(template: Any, flat: dict[str, np.ndarray], what: str = "state") -> Any:
-    """Rebuild ``template``'s pytree from ``flat`` (as made by ``flatten_tree``), strictly.
+def load(path: str | Path, template: Any = None, step: int | None = None
+         ) -> tuple[Any, dict[str, Any]]:
+    """(tree, meta) of the latest (or the given) step of checkpoint directory ``path``.
 
-    Every key of the template must be present with its shape, and no other key: a mismatch
-    raises CheckpointError listing the differences.
+    ``template``, a nested dict like the one saved (arrays or ``jax.ShapeDtypeStruct`` with a
+    sharding; PRNG key arrays for keys), gives the arrays' shapes, dtypes and placement: every
+    name must be there with its shape and no other (else a CheckpointError listing them). With
+    no template the arrays come back as numpy, keys as their key data. Every array is checked
+    against its SHA-256.
     """
-    leaves, treedef = jax.tree_util.tree_flatten_with_path(template)
-    keys = [jax.tree_util.keystr(p) for p, _ in leaves]
-    missing = [k for k in keys if k not in flat]
-    unexpected = sorted(set(flat) - set(keys))
-    new = []
-    bad = []
-    for k, (_, leaf) in zip(keys, leaves):
-        if k in missing:
-            continue
-        is_key = _is_key(leaf)
-        ref = jax.random.key_data(leaf) if is_key else leaf
-        arr = flat[k]
-        if tuple(np.shape(arr)) != tuple(np.shape(ref)):
-            bad.append(f"{k}: file {tuple(np.shape(arr))}, expected {tuple(np.shape(ref))}")
-            continue
-        arr = np.asarray(arr, dtype=np.asarray(ref).dtype if not is_key else np.uint32)
-        new.append(jax.random.wrap_key_data(arr, impl=jax.random.key_impl(leaf)) if is_key else arr)
-    _check_fit(what, missing, unexpected, bad)
-    return jax.tree_util.tree_unflatten(treedef, new)
-
-
-def model_to_flat(model: nnx.Module) -> dict[str, np.ndarray]:
-    """The model's full state (params, batch statistics, dropout RNG keys as their raw key data)
-    as {dotted path: numpy array}."""
-    flat = {}
-    for path, leaf in jax.tree_util.tree_flatten_with_path(nnx.to_pure_dict(nnx.state(model)))[0]:
-        flat[_path_key(path)] = np.array(
-            jax.random.key_data(leaf) if _is_key(leaf) else leaf)
-    return flat
-
-
-def _path_key(path: tuple) -> str:
-    return ".".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
-
-
-def flat_into_model(model: nnx.Module, flat: dict[str, np.ndarray]) -> nnx.Module:
-    """Load {dotted path: array} into ``model`` in place, strictly (every key, no other, same
-    shapes). ``model`` may be abstract (``flaxnets.create_for_loading``)."""
-    pure = nnx.to_pure_dict(nnx.state(model))
-    leaves = {_path_key(p): leaf for p, leaf in jax.tree_util.tree_flatten_with_path(pure)[0]}
-
-    def shape(leaf: Any) -> tuple[int, ...]:  # key arrays are stored as key data: one more axis
-        return tuple(jax.random.key_data(leaf).shape) if _is_key(leaf) else tuple(leaf.shape)
-
-    missing = sorted(set(leaves) - set(flat))
-    unexpected = sorted(set(flat) - set(leaves))
-    bad = [f"{k}: file {tuple(flat[k].shape)}, model {shape(leaf)}"
-           for k, leaf in leaves.items() if k in flat and tuple(flat[k].shape) != shape(leaf)]
-    _check_fit("weights", missing, unexpected, bad)
-
-    def put(path: tuple, leaf: Any) -> Any:
-        key = _path_key(path)
-        if _is_key(leaf):
-            return jax.random.wrap_key_data(np.array(flat[key], np.uint32), impl=jax.random.key_impl(leaf))
-        return np.array(flat[key], dtype=leaf.dtype)  # copy: never alias the file buffer
-
-    pure = jax.tree_util.tree_map_with_path(put, pure)
-    state = nnx.state(model)
-    nnx.replace_by_pure_dict(state, pure)
-    nnx.update(model, state)
-    return model
-
-
-# --------------------------------------------------------------------------- files
-def save(path: str | os.PathLike, ckpt: Checkpoint) -> Path:
-    """Write ``ckpt`` to ``path`` atomically (see the module docstring for the layout)."""
-    payload: dict[str, Any] = {"net": ckpt.net, "num_classes": int(ckpt.num_classes),
-                               "meta": json.dumps(ckpt.meta, default=str), "model": dict(ckpt.model)}
-    if ckpt.train is not None:
-        payload["train"] = dict(ckpt.train)
-    body = serialization.msgpack_serialize(payload)
-    head = MAGIC + bytes([VERSION]) + hashlib.sha256(body).digest()
-    return atomic_write_bytes(path, head + body)
-
-
-def load(path: str | os.PathLike) -> Checkpoint:
-    """Read a checkpoint file; CheckpointError if it is not one, truncated or corrupt."""
     path = Path(path)
-    try:
-        raw = path.read_bytes()
-    except OSError as e:
-        raise CheckpointError(f"cannot read {path}: {e.strerror or e}") from None
-    if raw[: len(MAGIC)] != MAGIC:
-        raise CheckpointError(f"{path} is not a flaxnets checkpoint (no {MAGIC.decode()} header)")
-    if len(raw) < _HEADER:
-        raise CheckpointError(f"{path} is truncated ({len(raw)} bytes)")
-    if raw[len(MAGIC)] != VERSION:
-        raise CheckpointError(f"{path} has checkpoint format version {raw[len(MAGIC)]}; "
-                              f"this flaxnets reads version {VERSION}")
-    body = raw[_HEADER:]
-    if hashlib.sha256(body).digest() != raw[len(MAGIC) + 1: _HEADER]:
-        raise CheckpointError(f"{path} is corrupt or truncated (checksum mismatch, {len(raw)} bytes)")
-    try:
-        d = serialization.msgpack_restore(body)
-        return Checkpoint(net=str(d["net"]), num_classes=int(d["num_classes"]),
-                          model={k: np.asarray(v) for k, v in d["model"].items()},
-                          train=({k: np.asarray(v) for k, v in d["train"].items()}
-                                 if "train" in d else None),
-                          meta=json.loads(d["meta"]))
-    except (KeyError, TypeError, ValueError) as e:
-        raise CheckpointError(f"{path}: malformed checkpoint payload ({e})") from None
+    step, meta, integrity, stored = _read_json(path, step)
+    where = path / str(step)
+    stored_flat = flatten(stored)
+    if template is None:  # numpy leaves make orbax restore numpy arrays
+        abstract: dict[str, Any] = {k: np.zeros(v.shape, v.dtype) for k, v in stored_flat.items()}
+        keys: dict[str, Any] = {}
+    else:
+        tflat = flatten(template)
+        keys = {k: v for k, v in tflat.items() if _is_key(v)}
+        abstract = {k: jax.ShapeDtypeStruct(
+            jax.eval_shape(jax.random.key_data, v).shape if k in keys else v.shape,
+            np.uint32 if k in keys else v.dtype, sharding=getattr(v, "sharding", None))
+            for k, v in tflat.items()}
+        _check_fit(where, stored_flat, abstract)
 
+    def read() -> Any:
+        with _manager(path, write=False) as mngr:
+            return mngr.restore(step, args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(_nest(abstract))))["state"]
 
-def save_model(path: str | os.PathLike, net: str, model: nnx.Module, num_classes: int,
-               meta: dict[str, Any] | None = None) -> Path:
-    """Save a model's weights (no training state) as a checkpoint file."""
-    return save(path, Checkpoint(net, num_classes, model_to_flat(model), None, dict(meta or {})))
-
-
-def load_model(path: str | os.PathLike, net: str | None = None) -> nnx.Module:
-    """A new model of the checkpoint's net with its weights; ``net`` checks the file's net name."""
-    import flaxnets
-
-    ckpt = load(path)
-    if net is not None and ckpt.net != net:
-        raise CheckpointError(f"{path} holds a {ckpt.net!r} checkpoint, not {net!r}")
-    return flat_into_model(flaxnets.create_for_loading(ckpt.net, num_classes=ckpt.num_classes), ckpt.model)
+    state = _read(where, read)
+    flat = flatten(state)
+    sums = integrity.get("sha256", {})
+    for k, v in flat.items():
+        if sums.get(k) != _sha256(_host(v)):
+            raise CheckpointError(f"{where} is corrupt or truncated ({k}: checksum mismatch)")
+    for k, ref in keys.items():
+        flat[k] = jax.random.wrap_key_data(flat[k], impl=jax.random.key_impl(ref))
+    return _nest(flat), meta

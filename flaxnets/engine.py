@@ -275,37 +275,43 @@ class JaxEngine:
         self.state, self.opt_state = jax.tree.map(jnp.copy, snapshot)
 
     def save_state(self, snapshot: Any, path: Path, meta: dict[str, Any]) -> Path:
-        """Write ``snapshot`` and ``meta`` as one checkpoint file, atomically."""
-        (params, rest), opt_state = local_copy(snapshot)
-        self._merge(params, rest)
-        return checkpoint.save(path, checkpoint.Checkpoint(
-            self.name, self.num_classes, checkpoint.model_to_flat(self.model),
-            checkpoint.flatten_tree(opt_state), meta))
+        """Write ``snapshot`` and ``meta`` as step ``meta['epoch']`` of the orbax checkpoint
+        directory ``path`` (``flaxnets.checkpoint``). Collective: every process calls it."""
+        meta = dict(meta, net=self.name, num_classes=self.num_classes)
+        return checkpoint.save(path, self._as_dict(snapshot), meta, step=int(meta.get("epoch", 0)))
 
     def has_state(self, path: Path) -> bool:
         """Whether ``path`` holds a checkpoint to resume from."""
-        return path.is_file()
+        return checkpoint.exists(path)
 
     def load_state(self, path: Path) -> tuple[Any, dict[str, Any]]:
-        """(snapshot, meta) from a checkpoint written by ``save_state`` for this net."""
-        ck = checkpoint.load(path)
-        if ck.net != self.name or ck.num_classes != self.num_classes:
+        """(snapshot, meta) from a checkpoint written by ``save_state`` for this net, placed on
+        the devices as the engine's state (every process calls it)."""
+        step, meta = checkpoint.read_meta(path)
+        if meta.get("net") != self.name or meta.get("num_classes") != self.num_classes:
             raise checkpoint.CheckpointError(
-                f"{path} is a checkpoint of {ck.net!r} with {ck.num_classes} classes, not "
-                f"{self.name!r} with {self.num_classes}")
-        if ck.train is None:
-            raise checkpoint.CheckpointError(f"{path} holds weights only, no training state to resume")
-        checkpoint.flat_into_model(self.model, ck.model)
-        _, params, rest = nnx.split(self.model, nnx.Param, ...)
-        opt_state = checkpoint.unflatten_like(self.opt_state if self.opt_state is not None
-                                              else self._opt_template, ck.train, "optimiser state")
-        repl = NamedSharding(data_mesh(), P())
-        return replicate(((params, rest), opt_state), repl), ck.meta
+                f"{path} is a checkpoint of {meta.get('net')!r} with {meta.get('num_classes')} "
+                f"classes, not {self.name!r} with {self.num_classes}")
+        template = self._template()
+        tree, meta = checkpoint.load(path, self._as_dict(template), step=step)
+        (params, rest), opt_state = template
+        return ((checkpoint.from_dict(params, tree["model"]), checkpoint.from_dict(rest, tree["model"])),
+                checkpoint.from_dict(opt_state, tree["opt"])), meta
 
-    @property
-    def _opt_template(self) -> Any:
-        _, params, _ = nnx.split(self.model, nnx.Param, ...)
-        return make_optimizer(self.recipe, self.steps)[0].init(params)
+    @staticmethod
+    def _as_dict(snapshot: Any) -> dict[str, Any]:
+        """The checkpoint's layout of a snapshot: {'model': the model's nested dict of params and
+        other state (``nnx.to_pure_dict``'s names), 'opt': the optimiser state's}."""
+        (params, rest), opt_state = snapshot
+        return {"model": checkpoint.as_dict(params, rest), "opt": checkpoint.as_dict(opt_state)}
+
+    def _template(self) -> Any:
+        """A snapshot shaped and placed as the engine's state (that state while it exists)."""
+        if self.state is not None and self.opt_state is not None:
+            return self.state, self.opt_state
+        _, params, rest = nnx.split(self.model, nnx.Param, ...)
+        opt_state = make_optimizer(self.recipe, self.steps)[0].init(params)
+        return replicate(((params, rest), opt_state), NamedSharding(data_mesh(), P()))
 
     def _merge(self, params: nnx.State, rest: nnx.State) -> None:
         nnx.update(self.model, params, rest)

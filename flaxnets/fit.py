@@ -118,7 +118,9 @@ class Engine(Protocol):
 
     ``flaxnets.engine.JaxEngine`` and ``torch_ref.engine.TorchEngine`` implement it. An epoch
     draws its permutation and augmentation from (seed, epoch) only, so resuming from an epoch's
-    checkpoint is bit-exact.
+    checkpoint is bit-exact. ``fit`` calls ``save_state``, ``load_state`` and ``has_state`` on
+    every process of a multi-host run (a JAX save is collective: orbax writes each array once);
+    ``writes_files`` tells the caller which process writes the run directory's other files.
     """
 
     backend: str
@@ -202,7 +204,6 @@ def fit(name: str, data: Dataset, recipe: Recipe | None = None, seed: int = 0,
     validating = splits.x_val is not None
     eval_split = "val" if validating else "test"
     paths = checkpoint_paths(run_dir, backend) if run_dir is not None else None
-    writes = paths is not None and engine.writes_files
     meta_base = {"net": name, "backend": backend, "seed": seed, "num_classes": data.num_classes,
                  "recipe": dataclasses.asdict(recipe)}
 
@@ -216,8 +217,16 @@ def fit(name: str, data: Dataset, recipe: Recipe | None = None, seed: int = 0,
         engine.set_state(snapshot)
         metrics, start = list(meta["metrics"]), int(meta["epoch"])
         best_acc, best_epoch = float(meta["best_val_acc"]), int(meta["best_epoch"])
-        if validating and best_epoch:
-            best_state = engine.load_state(paths["best"])[0]
+        if validating and best_epoch == start:
+            # the last epoch was the best: its state is the one just loaded, written again as
+            # 'best', which lacks it if the run stopped between that epoch's two saves
+            best_state = snapshot
+            engine.save_state(snapshot, paths["best"], meta)
+        elif validating and best_epoch:
+            best_state, best_meta = engine.load_state(paths["best"])
+            if best_meta.get("epoch") != best_epoch:
+                raise CheckpointError(f"{paths['best']} holds epoch {best_meta.get('epoch')}, "
+                                      f"{paths['last']} names epoch {best_epoch} as the best")
 
     for epoch in range(start, recipe.epochs):
         t_ep = time.perf_counter()
@@ -234,10 +243,10 @@ def fit(name: str, data: Dataset, recipe: Recipe | None = None, seed: int = 0,
         improved = validating and row["val_acc"] > best_acc
         if improved:
             best_acc, best_epoch = row["val_acc"], epoch + 1
-        if improved or writes:
+        if improved or paths is not None:
             snap = engine.get_state()
             best_state = snap if improved else best_state
-            if writes:
+            if paths is not None:  # every process: see Engine
                 meta = dict(meta_base, epoch=epoch + 1, metrics=metrics, best_val_acc=best_acc,
                             best_epoch=best_epoch)
                 engine.save_state(snap, paths["last"], meta)

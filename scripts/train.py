@@ -16,6 +16,12 @@ from tqdm import tqdm
 
 from flaxnets.registry import UnknownNetError, check_image_shape, get_spec, list_nets
 
+# Run as ``python scripts/NAME.py``, Python puts scripts/ first on sys.path, and scripts/parity.py
+# would then hide the parity package: take that entry off (the packages are installed).
+if __name__ == "__main__" and Path(sys.path[0] or ".").resolve() == Path(__file__).resolve().parent:
+    del sys.path[0]
+
+
 def progress_bar(epochs: int) -> Any:
     """``fit``'s progress callback: a tqdm bar per epoch on stderr, silent when not a terminal."""
     bar: Any = None
@@ -40,6 +46,16 @@ def epoch_line(row: dict, epochs: int) -> str:
     return (f"epoch {row['epoch']:>3}/{epochs}  lr {row['lr']:.2g}  "
             f"train loss {row['train_loss']:.4f} acc {row['train_acc']:.4f}  {evals}  "
             f"{row['images_per_s']:,.0f} img/s  {row['seconds']:.1f} s")
+
+
+def has_checkpoint(path: Path, backend: str) -> bool:
+    """Whether ``path`` (``flaxnets.fit.checkpoint_paths``) holds a finished checkpoint: an orbax
+    directory with a complete step for JAX, a file for torch."""
+    if backend == "jax":
+        from flaxnets import checkpoint
+
+        return checkpoint.exists(path)
+    return path.is_file()
 
 
 class RunError(Exception):
@@ -175,7 +191,10 @@ def run(argv: list[str] | None) -> int:
     if primary:
         write_json(run_dir / "config.json", config)  # first: a resume needs it even after a crash
     if args.resume:
-        print(f"resuming {run_dir} from {checkpoint_paths(run_dir, backend)['last']}")
+        last = checkpoint_paths(run_dir, backend)["last"]
+        if not has_checkpoint(last, backend):
+            raise RunError(f"cannot resume {run_dir}: no finished epoch in {last}")
+        print(f"resuming {run_dir} from {last}")
 
     rows: list[dict[str, Any]] = []
 
@@ -190,7 +209,7 @@ def run(argv: list[str] | None) -> int:
                      on_epoch=on_epoch, backend=backend, run_dir=run_dir, resume=bool(args.resume))
     except NonFiniteLossError as e:
         last = checkpoint_paths(run_dir, backend)["last"]
-        kept = f"the last good checkpoint is {last}" if last.exists() else "no epoch finished"
+        kept = f"the last good checkpoint is {last}" if has_checkpoint(last, backend) else "no epoch finished"
         raise RunError(f"{e}; stopped, {kept}") from None
     except KeyboardInterrupt:
         print(f"\ninterrupted; continue with: python scripts/train.py --resume {run_dir}",

@@ -15,11 +15,13 @@ import pytest
 
 from flaxnets import checkpoint
 from flaxnets.data import write_idx
+from flaxnets.fit import checkpoint_paths
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
 import train as train_script  # noqa: E402  (scripts/train.py)
 from test_train import synthetic  # noqa: E402
+from train import has_checkpoint  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 TIMING = ("images_per_s", "seconds")  # the only columns allowed to differ between runs
@@ -75,9 +77,12 @@ def test_run_dir_holds_every_artefact(full_run):
     names = {p.name for p in out.iterdir()}
     assert names >= {"config.json", "metrics.csv", "curves.png", "confusion_matrix.png",
                      "per_class.csv", "samples.png", "model.pt", "model.safetensors", "checkpoints"}
-    suffix = ".flax" if backend == "jax" else ".pt"
+    suffix = "" if backend == "jax" else ".pt"  # JAX: orbax checkpoint directories
     assert {p.name for p in (out / "checkpoints").iterdir()} == {f"last{suffix}", f"best{suffix}"}
     cfg = json.loads((out / "config.json").read_text())
+    if backend == "jax":
+        assert checkpoint.steps(out / "checkpoints" / "last") == [3]
+        assert checkpoint.steps(out / "checkpoints" / "best") == [cfg["best_epoch"]]
     assert cfg["backend"] == backend and cfg["recipe"]["epochs"] == 3 and cfg["seed"] == 0
     assert cfg["versions"]["jax"] and cfg["versions"]["torch"]
     r = rows(out)
@@ -114,33 +119,81 @@ def test_model_pt_loads_strictly_into_torch_ref(full_run, idx_dir):
 
 
 def test_kill_during_checkpoint_write_then_resume_is_bit_exact(full_run, idx_dir, tmp_path):
-    """SIGKILL while the second 'last' checkpoint is half written; resume; same metrics."""
+    """SIGKILL while the second 'last' checkpoint is half written; resume; same metrics.
+
+    torch: the temporary file cut to half at its fsync. JAX (orbax): the arrays of step 2 written
+    and their largest file cut to half, just before orbax renames the item into place."""
     backend = full_run[0]
     out = tmp_path / "run"
-    kill = ("real = os.fsync\n"
-            "seen = [0]\n"
-            "def fsync(fd):\n"
-            "    path = os.readlink(f'/proc/self/fd/{fd}')\n"
-            "    if '.last.' in path and path.endswith('.tmp'):\n"
-            "        seen[0] += 1\n"
-            "        if seen[0] == 2:\n"
-            "            os.ftruncate(fd, os.fstat(fd).st_size // 2)\n"
-            "            os.kill(os.getpid(), signal.SIGKILL)\n"
-            "    return real(fd)\n"
-            "os.fsync = fsync\n")
+    if backend == "jax":
+        kill = ("import pathlib\n"
+                "real = os.rename\n"
+                "def rename(src, dst):\n"
+                "    if src.endswith('/checkpoints/last/2.orbax-checkpoint-tmp/state.orbax-checkpoint-tmp'):\n"
+                "        big = max((p for p in pathlib.Path(src).rglob('*') if p.is_file()),\n"
+                "                  key=lambda p: p.stat().st_size)\n"
+                "        os.truncate(big, big.stat().st_size // 2)\n"
+                "        os.kill(os.getpid(), signal.SIGKILL)\n"
+                "    return real(src, dst)\n"
+                "os.rename = rename\n")
+    else:
+        kill = ("real = os.fsync\n"
+                "seen = [0]\n"
+                "def fsync(fd):\n"
+                "    path = os.readlink(f'/proc/self/fd/{fd}')\n"
+                "    if '.last.' in path and path.endswith('.tmp'):\n"
+                "        seen[0] += 1\n"
+                "        if seen[0] == 2:\n"
+                "            os.ftruncate(fd, os.fstat(fd).st_size // 2)\n"
+                "            os.kill(os.getpid(), signal.SIGKILL)\n"
+                "    return real(fd)\n"
+                "os.fsync = fsync\n")
     p = run_script(kill, base_args(idx_dir, out, backend))
     assert p.returncode == -9, p.stderr[-2000:]
-    last = out / "checkpoints" / f"last{'.flax' if backend == 'jax' else '.pt'}"
-    assert [t.name for t in last.parent.glob(".*.tmp")], "the half-written temporary file is left"
+    ckdir = out / "checkpoints"
+    leftovers = (lambda: [t.name for t in ckdir.glob("last/*.orbax-checkpoint-tmp")]) if backend == "jax" \
+        else (lambda: [t.name for t in ckdir.glob(".*.tmp")])
+    assert leftovers(), "the half-written checkpoint is left"
     assert len(rows(out)) == 1  # epoch 2 trained but was not saved: metrics.csv follows the checkpoint
     if backend == "jax":
-        assert checkpoint.load(last).meta["epoch"] == 1  # the old file is intact
+        assert checkpoint.read_meta(ckdir / "last")[1]["epoch"] == 1  # the old step is intact
     assert train_script.main(["--resume", str(out)]) == 0
     assert rows(out) == rows(full_run[1])
-    assert not list(last.parent.glob(".*.tmp"))
+    assert not leftovers()
     full = json.loads((full_run[1] / "config.json").read_text())
     resumed = json.loads((out / "config.json").read_text())
     assert resumed["test_acc"] == full["test_acc"] and resumed["resumed_from_epoch"] == 1
+
+
+def test_stop_between_the_last_and_best_saves_then_resume_is_bit_exact(full_run, idx_dir, tmp_path,
+                                                                        monkeypatch):
+    """Stopped after epoch 1's 'last' checkpoint, before its 'best' one: the resume takes the best
+    state from 'last', writes 'best' again, and ends as the uninterrupted run."""
+    from flaxnets.engine import JaxEngine
+    from torch_ref.engine import TorchEngine
+
+    backend, full = full_run
+    engine_cls = JaxEngine if backend == "jax" else TorchEngine
+    orig = engine_cls.save_state
+
+    def save_state(self, snapshot, path, meta):
+        if path.name.startswith("best") and meta["epoch"] == 1:
+            raise KeyboardInterrupt
+        return orig(self, snapshot, path, meta)
+
+    out = tmp_path / "run"
+    with monkeypatch.context() as m:
+        m.setattr(engine_cls, "save_state", save_state)
+        assert train_script.main(base_args(idx_dir, out, backend)) == 130
+    best = checkpoint_paths(out, backend)["best"]
+    # epoch 1 is always the first best; its row is written after both saves
+    assert not has_checkpoint(best, backend) and not (out / "metrics.csv").exists()
+    assert train_script.main(["--resume", str(out)]) == 0
+    assert rows(out) == rows(full)
+    cfg, want = (json.loads((d / "config.json").read_text()) for d in (out, full))
+    assert cfg["test_acc"] == want["test_acc"]
+    if backend == "jax":
+        assert checkpoint.read_meta(best)[1]["epoch"] == want["best_epoch"]
 
 
 def test_a_second_run_loads_every_executable_from_the_compile_cache(idx_dir, tmp_path):
@@ -228,14 +281,14 @@ def test_nan_loss_stops_with_step_and_keeps_last_good_checkpoint(backend, idx_di
     out = tmp_path / "run"
     assert train_script.main(base_args(idx_dir, out, backend)) == 1
     err = capsys.readouterr().err.strip()
-    suffix = ".flax" if backend == "jax" else ".pt"
+    suffix = "" if backend == "jax" else ".pt"
     assert err == (f"error: the training loss became nan at step 9 (epoch 2, step 1 of the epoch); "
                    f"stopped, the last good checkpoint is {out / 'checkpoints' / ('last' + suffix)}")
     assert len(rows(out)) == 1
     if backend == "jax":
-        ck = checkpoint.load(out / "checkpoints" / "last.flax")
-        assert ck.meta["epoch"] == 1
-        assert all(np.isfinite(v).all() for v in ck.model.values())
+        tree, meta = checkpoint.load(out / "checkpoints" / "last")
+        assert meta["epoch"] == 1
+        assert all(np.isfinite(v).all() for v in checkpoint.flatten(tree["model"]).values())
 
 
 def test_resume_refuses_changed_settings_and_corrupt_checkpoints(full_run, tmp_path, capsys):
@@ -244,14 +297,22 @@ def test_resume_refuses_changed_settings_and_corrupt_checkpoints(full_run, tmp_p
     assert "--net lenet differs from the run being resumed (dilated)" in capsys.readouterr().err
     assert train_script.main(["--resume", str(tmp_path)]) == 1
     assert "no readable config.json" in capsys.readouterr().err
-    if backend == "jax":
+    if backend == "jax":  # a truncated array file: one line naming the step directory
         run = tmp_path / "copy"
         shutil.copytree(full, run)
-        last = run / "checkpoints" / "last.flax"
-        last.write_bytes(last.read_bytes()[:-100])
+        step = run / "checkpoints" / "last" / "3"
+        data = max((p for p in (step / "state").rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+        data.write_bytes(data.read_bytes()[: data.stat().st_size // 2])
         assert train_script.main(["--resume", str(run), "--epochs", "4"]) == 1
         err = capsys.readouterr().err
-        assert "corrupt or truncated" in err and "Traceback" not in err
+        assert err.startswith(f"error: {step} is corrupt or truncated (")
+        assert len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+    run = tmp_path / "unfinished"  # a run stopped before its first checkpoint
+    run.mkdir()
+    shutil.copy(full / "config.json", run / "config.json")
+    assert train_script.main(["--resume", str(run)]) == 1
+    last = checkpoint_paths(run, backend)["last"]
+    assert capsys.readouterr().err == f"error: cannot resume {run}: no finished epoch in {last}\n"
 
 
 def test_unwritable_out_and_full_disk_fail_before_training(idx_dir, tmp_path, monkeypatch, capsys):
@@ -297,9 +358,9 @@ def test_evaluate_other_backend_reports_the_runs_accuracy(full_run, idx_dir, tmp
     backend, out = full_run
     other = "torch" if backend == "jax" else "jax"
     test_acc = json.loads((out / "config.json").read_text())["test_acc"]
-    suffix = ".flax" if backend == "jax" else ".pt"
-    for weights in (out, out / "model.pt", out / "model.safetensors",
-                    out / "checkpoints" / f"best{suffix}"):
+    # evaluate reads torch-layout files: a torch run's checkpoints too, not JAX's orbax directories
+    extra = [out / "checkpoints" / "best.pt"] if backend == "torch" else []
+    for weights in (out, out / "model.pt", out / "model.safetensors", *extra):
         rc = evaluate_script.main(["--net", "dilated", "--weights", str(weights), "--backend", other,
                                    "--data-dir", str(idx_dir), "--out", str(tmp_path / "ev")])
         text = capsys.readouterr().out
@@ -355,14 +416,6 @@ def test_evaluate_refuses_bad_weights(full_run, idx_dir, tmp_path, capsys):
         cut.write_bytes((out / name).read_bytes()[:5000])  # truncated
         rc, err = run("dilated", cut)
         assert rc == 1 and str(cut) in err
-    bad = tmp_path / "bad.flax"
-    ck = (out / "checkpoints").glob("last.flax")
-    for f in ck:
-        raw = bytearray(f.read_bytes())
-        raw[-10] ^= 0xFF
-        bad.write_bytes(bytes(raw))
-        rc, err = run("dilated", bad)
-        assert rc == 1 and "corrupt or truncated" in err
     marker = tmp_path / "pwned"
 
     class Evil:

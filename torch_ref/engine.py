@@ -147,7 +147,10 @@ class TorchEngine:
         self.opt.load_state_dict(copy.deepcopy(snapshot["optimizer"]))
 
     def save_state(self, snapshot: dict[str, Any], path: Path, meta: dict[str, Any]) -> Path:
-        """Write ``snapshot`` and ``meta`` as one torch file (loadable with weights_only=True)."""
+        """Write ``snapshot`` and ``meta`` as one torch file (loadable with weights_only=True),
+        atomically; the temporary files of saves killed before their rename are removed."""
+        for stale in Path(path).parent.glob(f".{Path(path).name}.*.tmp"):  # atomic_write_bytes' names
+            stale.unlink(missing_ok=True)
         buf = io.BytesIO()
         torch.save({"format": FORMAT, "net": self.name, "num_classes": self.num_classes,
                     "meta": json.dumps(meta, default=str), **snapshot}, buf)

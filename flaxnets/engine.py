@@ -280,7 +280,8 @@ class JaxEngine:
         meta = dict(meta, net=self.name, num_classes=self.num_classes)
         return checkpoint.save(path, self._as_dict(snapshot), meta, step=int(meta.get("epoch", 0)))
 
-    def has_state(self, path: Path) -> bool:
+    @staticmethod
+    def has_state(path: Path) -> bool:
         """Whether ``path`` holds a checkpoint to resume from."""
         return checkpoint.exists(path)
 

@@ -138,7 +138,8 @@ class Engine(Protocol):
     def set_state(self, snapshot: Any) -> None: ...
     def save_state(self, snapshot: Any, path: Path, meta: dict[str, Any]) -> Path: ...
     def load_state(self, path: Path) -> tuple[Any, dict[str, Any]]: ...
-    def has_state(self, path: Path) -> bool: ...
+    @staticmethod
+    def has_state(path: Path) -> bool: ...
     def final_model(self) -> Any: ...
     def torch_state_dict(self) -> dict[str, np.ndarray]: ...
 
@@ -165,16 +166,26 @@ class FitResult:
 ENGINES = {"jax": ("flaxnets.engine", "JaxEngine"), "torch": ("torch_ref.engine", "TorchEngine")}
 
 
-def make_engine(backend: str, name: str, splits: Splits, num_classes: int, recipe: Recipe,
-                seed: int) -> Engine:
-    """The engine of ``backend`` ('jax' or 'torch') for one run.
+def engine_class(backend: str) -> type:
+    """The engine class of ``backend`` ('jax' or 'torch').
 
     Looked up by name: this loop must import neither framework, and a torch run never loads JAX.
     """
     if backend not in ENGINES:
         raise ValueError(f"unknown backend {backend!r}; expected 'jax' or 'torch'")
     module, cls = ENGINES[backend]
-    return getattr(importlib.import_module(module), cls)(name, splits, num_classes, recipe, seed)
+    return getattr(importlib.import_module(module), cls)
+
+
+def has_checkpoint(path: str | Path, backend: str) -> bool:
+    """Whether ``path`` (one of ``checkpoint_paths``) holds a finished ``backend`` checkpoint."""
+    return engine_class(backend).has_state(Path(path))
+
+
+def make_engine(backend: str, name: str, splits: Splits, num_classes: int, recipe: Recipe,
+                seed: int) -> Engine:
+    """The engine of ``backend`` ('jax' or 'torch') for one run."""
+    return engine_class(backend)(name, splits, num_classes, recipe, seed)
 
 
 def checkpoint_paths(run_dir: str | Path, backend: str) -> dict[str, Path]:

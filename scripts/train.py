@@ -48,16 +48,6 @@ def epoch_line(row: dict, epochs: int) -> str:
             f"{row['images_per_s']:,.0f} img/s  {row['seconds']:.1f} s")
 
 
-def has_checkpoint(path: Path, backend: str) -> bool:
-    """Whether ``path`` (``flaxnets.fit.checkpoint_paths``) holds a finished checkpoint: an orbax
-    directory with a complete step for JAX, a file for torch."""
-    if backend == "jax":
-        from flaxnets import checkpoint
-
-        return checkpoint.exists(path)
-    return path.is_file()
-
-
 class RunError(Exception):
     """A problem reported as one line on stderr with exit status 1."""
 
@@ -143,7 +133,7 @@ def run(argv: list[str] | None) -> int:
         return 2
 
     from flaxnets.data import load_dataset
-    from flaxnets.fit import NonFiniteLossError, checkpoint_paths, fit
+    from flaxnets.fit import NonFiniteLossError, checkpoint_paths, fit, has_checkpoint
     from flaxnets.recipes import recipe_for
     from flaxnets.introspect import state_bytes
     from flaxnets.runs import DISK_SLACK_BYTES, prepare_out, versions, write_json, write_metrics_csv, write_run

@@ -15,13 +15,12 @@ import pytest
 
 from flaxnets import checkpoint
 from flaxnets.data import write_idx
-from flaxnets.fit import checkpoint_paths
+from flaxnets.fit import checkpoint_paths, has_checkpoint
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
 import train as train_script  # noqa: E402  (scripts/train.py)
 from test_train import synthetic  # noqa: E402
-from train import has_checkpoint  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 TIMING = ("images_per_s", "seconds")  # the only columns allowed to differ between runs
@@ -118,6 +117,7 @@ def test_model_pt_loads_strictly_into_torch_ref(full_run, idx_dir):
     assert acc == pytest.approx(cfg["test_acc"], abs=1 / 60)  # same predictions up to one image
 
 
+@pytest.mark.slow
 def test_kill_during_checkpoint_write_then_resume_is_bit_exact(full_run, idx_dir, tmp_path):
     """SIGKILL while the second 'last' checkpoint is half written; resume; same metrics.
 
@@ -196,6 +196,7 @@ def test_stop_between_the_last_and_best_saves_then_resume_is_bit_exact(full_run,
         assert checkpoint.read_meta(best)[1]["epoch"] == want["best_epoch"]
 
 
+@pytest.mark.slow
 def test_a_second_run_loads_every_executable_from_the_compile_cache(idx_dir, tmp_path):
     """Two runs sharing FLAXNETS_COMPILE_CACHE: the second compiles nothing, with equal metrics;
     ``off`` asks no cache at all."""
@@ -447,6 +448,7 @@ def test_training_refuses_images_of_the_wrong_size(tmp_path, capsys):
                                        "(resize the data or pick a net made for that size)\n")
 
 
+@pytest.mark.slow
 def test_two_processes_with_jax_distributed_match_one(idx_dir, tmp_path):
     """--distributed on two local processes (one CPU device each, gloo): the 1-process metrics."""
     import socket

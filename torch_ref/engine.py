@@ -156,9 +156,10 @@ class TorchEngine:
                     "meta": json.dumps(meta, default=str), **snapshot}, buf)
         return atomic_write_bytes(path, buf.getvalue())
 
-    def has_state(self, path: Path) -> bool:
+    @staticmethod
+    def has_state(path: Path) -> bool:
         """Whether ``path`` holds a checkpoint to resume from."""
-        return path.is_file()
+        return Path(path).is_file()
 
     def load_state(self, path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
         """(snapshot, meta) from a file written by ``save_state`` for this net."""

@@ -167,6 +167,7 @@ def test_jax_over_pytorch_pairs_the_rounds():
     assert row["jax_over_ablated"] is None
 
 
+@pytest.mark.slow
 def test_bench_script_prints_the_table_and_writes_bench_json_from_any_directory(tmp_path):
     out = tmp_path / "bench.json"
     cmd = [sys.executable, str(ROOT / "scripts" / "bench.py"), "--nets", "net", "--batch", "16",

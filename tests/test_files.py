@@ -236,6 +236,7 @@ def test_the_legacy_non_zip_format_is_read(sd20, tmp_path, capsys):
     check_converted(dst, sd20)
 
 
+@pytest.mark.slow
 def test_torchvisions_old_densenet121_checkpoint_converts(tmp_path, capsys):
     """As torchvision published densenet121 (saved before PyTorch 0.4.1): ``norm.1``-style keys,
     no ``num_batches_tracked``, legacy format. The result loads into torchvision strictly."""

@@ -309,6 +309,7 @@ def _loss_and_state(model: nnx.Module, x: jax.Array, y: jax.Array, unrolled: boo
     return value, logits, state, grads
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("train", [True, False])
 def test_scanned_stages_compute_what_unrolled_ones_do(train):
     # resnet32: 4 identical blocks per stage tail, so the stages do scan (SCAN_MIN_BLOCKS aside)

@@ -57,7 +57,7 @@ def test_parameter_counts_and_output_shapes(name):
     assert out.shape == (3, spec.num_classes) and out.dtype == jnp.float32
 
 
-@pytest.mark.parametrize("name", ["lenet", "net_batchnorm", "resnet20", "densenet121_se"])
+@pytest.mark.parametrize("name", by_tier(["lenet", "net_batchnorm", "resnet20", "densenet121_se"]))
 def test_num_classes_is_a_constructor_argument(name):
     h, w, c = flaxnets.get_spec(name).check_shape
     fmodel = flaxnets.create(name, num_classes=7)

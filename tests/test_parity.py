@@ -73,7 +73,8 @@ def test_matching_models_have_no_divergent_layer():
 
 
 @pytest.mark.parametrize("name,layer", [("resnet20", "layer2.1.bn1"), ("lenet", "fc.2"),
-                                        ("densenet121_se", "features.denseblock2.denselayer3.conv1")])
+                                        pytest.param("densenet121_se", "features.denseblock2.denselayer3.conv1",
+                                                     marks=pytest.mark.slow)])
 def test_the_first_divergent_layer_is_named(name, layer):
     t, f, x = _pair(name)
     module = f

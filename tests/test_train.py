@@ -277,6 +277,7 @@ def test_real_fashion_mnist_subset(tmp_path, monkeypatch):
     assert r.test_acc > 0.4  # one short epoch (measured 0.54); chance is 0.1
 
 
+@pytest.mark.slow
 def test_data_parallel_on_two_host_devices(tmp_path):
     """Two fake CPU devices: batches shard over the 'data' axis and match the 1-device result."""
     code = ("import sys, jax; sys.path.insert(0, 'tests'); from test_train import synthetic_rgb;"

@@ -8,12 +8,15 @@ run starts in seconds.
 
 from __future__ import annotations
 
+import functools
 import gzip
 import hashlib
+import math
 import os
 import pickle
 import sys
 import tempfile
+import zlib
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +31,24 @@ CIFAR2_CLASSES = ["airplane", "bird"]  # CIFAR-10 labels 0 and 2, relabelled 0 a
 LOCAL_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")  # Debian dataset-fashion-mnist
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp"}
 DATASETS = ("fashion_mnist", "cifar10", "cifar2", "image_folder")
+
+
+class DataError(ValueError):
+    """Data that cannot be used (a corrupt file, a degenerate dataset): a one-line message naming it."""
+
+
+def _why(e: BaseException) -> str:
+    """An exception's reason on one line, without the file name an OSError repeats."""
+    text = getattr(e, "strerror", None) or str(e) or type(e).__name__
+    return " ".join(text.split())
+
+
+def _entries(d: Path) -> list[Path]:
+    """The entries of directory ``d``; a DataError naming it if it cannot be listed."""
+    try:
+        return list(d.iterdir())
+    except OSError as e:
+        raise DataError(f"cannot list {d}: {_why(e)}") from None
 
 
 @dataclass
@@ -59,18 +80,27 @@ _IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">
 def read_idx(path: str | os.PathLike) -> np.ndarray:
     """Read one IDX file (optionally gzipped) into a numpy array of its stored shape."""
     path = Path(path)
-    opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rb") as f:
-        raw = f.read()
+    gz = path.suffix == ".gz"
+    try:
+        with (gzip.open if gz else open)(path, "rb") as f:
+            raw = f.read()
+    except FileNotFoundError:
+        raise
+    except (OSError, EOFError, zlib.error) as e:  # BadGzipFile is an OSError; a cut .gz an EOFError
+        raise DataError(f"{path}: cannot read it as {'a gzipped' if gz else 'an'} IDX file "
+                        f"({_why(e)})") from None
     if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in _IDX_DTYPES:
-        raise ValueError(f"{path} is not an IDX file (bad magic number {raw[:4].hex()})")
+        raise DataError(f"{path} is not an IDX file (bad magic number {raw[:4].hex()})")
     ndim = raw[3]
+    offset = 4 + 4 * ndim
+    if len(raw) < offset:
+        raise DataError(f"{path}: the IDX header of {ndim} dimensions is cut short "
+                        f"({len(raw)} bytes)")
     dims = tuple(int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim))
     dtype = np.dtype(_IDX_DTYPES[raw[2]])
-    offset = 4 + 4 * ndim
-    if len(raw) - offset != int(np.prod(dims)) * dtype.itemsize:
-        raise ValueError(f"{path}: header says shape {dims} but the file holds "
-                         f"{len(raw) - offset} data bytes")
+    if len(raw) - offset != math.prod(dims) * dtype.itemsize:  # math.prod: no int64 overflow
+        raise DataError(f"{path}: header says shape {dims} but the file holds "
+                        f"{len(raw) - offset} data bytes")
     return np.frombuffer(raw, dtype, offset=offset).reshape(dims)
 
 
@@ -101,37 +131,58 @@ def load_idx_dir(path: str | os.PathLike, class_names: list[str] | None = None) 
         raise FileNotFoundError(f"data directory {root} does not exist")
     arrays = {}
     for split in ("train", "t10k"):
-        x = read_idx(_find_idx(root, split, "images"))
-        y = read_idx(_find_idx(root, split, "labels"))
+        x_path, y_path = _find_idx(root, split, "images"), _find_idx(root, split, "labels")
+        x, y = read_idx(x_path), read_idx(y_path)
+        if x.dtype != np.uint8:
+            raise DataError(f"{x_path}: images are stored as {x.dtype}, expected unsigned bytes")
+        if not np.issubdtype(y.dtype, np.integer):
+            raise DataError(f"{y_path}: labels are stored as {y.dtype}, expected integers")
         if x.ndim != 3 or y.ndim != 1 or len(x) != len(y):
-            raise ValueError(f"{root}: {split} images {x.shape} and labels {y.shape} do not match")
-        arrays[split] = (x[..., None].astype(np.uint8), y.astype(np.int32))
-    n = int(max(arrays["train"][1].max(), arrays["t10k"][1].max())) + 1
+            raise DataError(f"{root}: {split} images {x.shape} and labels {y.shape} do not match")
+        arrays[split] = (x[..., None], y.astype(np.int32))
+    n = max((int(y.max()) + 1 for _, y in arrays.values() if len(y)), default=0)
     names = class_names or (FASHION_MNIST_CLASSES if n == 10 else [str(i) for i in range(n)])
     return Dataset(*arrays["train"], *arrays["t10k"], class_names=list(names), source=str(root))
 
 
 # --------------------------------------------------------------------------- image folders
 def _class_dirs(root: Path) -> list[Path]:
-    return sorted((d for d in root.iterdir() if d.is_dir() and not d.name.startswith(".")),
+    return sorted((d for d in _entries(root) if d.is_dir() and not d.name.startswith(".")),
                   key=lambda d: d.name)
 
 
-def _read_image(path: Path, size: tuple[int, int], channels: int) -> np.ndarray:
-    from PIL import Image  # lazy: only image folders need pillow
+def _decoded_image(path: Path):  # noqa: ANN202 - a PIL image; pillow is imported lazily
+    """``path`` opened and fully decoded (the caller closes it), or a DataError naming it."""
+    from PIL import Image, UnidentifiedImageError  # lazy: only image folders need pillow
 
-    with Image.open(path) as img:
+    img = None
+    try:
+        img = Image.open(path)
+        img.load()  # decode all of it now: a truncated file fails here, not half-read later
+        return img
+    except Exception as e:  # PIL's decoders raise OSError, SyntaxError, ValueError, struct.error...
+        if img is not None:
+            img.close()
+        why = ("not an image file, or in a format PIL cannot read"
+               if isinstance(e, UnidentifiedImageError) else _why(e))
+        raise DataError(f"{path}: cannot read the image ({why})") from None
+
+
+def _read_image(path: Path, size: tuple[int, int], channels: int) -> np.ndarray:
+    from PIL import Image
+
+    if channels not in (1, 3):
+        raise ValueError(f"channels must be 1 or 3, got {channels}")
+    with _decoded_image(path) as img:
         if channels == 1:
             if img.mode not in ("L", "1", "P") or (img.mode == "P" and "transparency" in img.info):
-                raise ValueError(f"{path}: image has mode {img.mode!r}, expected a 1-channel "
-                                 "grayscale image")
+                raise DataError(f"{path}: image has mode {img.mode!r}, expected a 1-channel "
+                                "grayscale image")
             img = img.convert("L")
-        elif channels == 3:
-            if img.mode not in ("L", "1", "P", "RGB", "RGBA", "LA"):
-                raise ValueError(f"{path}: image mode {img.mode!r} cannot be read as RGB")
-            img = img.convert("RGB")
         else:
-            raise ValueError(f"channels must be 1 or 3, got {channels}")
+            if img.mode not in ("L", "1", "P", "RGB", "RGBA", "LA"):
+                raise DataError(f"{path}: image mode {img.mode!r} cannot be read as RGB")
+            img = img.convert("RGB")
         img = img.resize((size[1], size[0]), Image.BILINEAR)  # PIL takes (W, H)
         arr = np.asarray(img, np.uint8)
     return arr.reshape(size[0], size[1], channels)
@@ -142,13 +193,13 @@ def _read_tree(root: Path, names: list[str], size: tuple[int, int], channels: in
     xs, ys = [], []
     for label, name in enumerate(names):
         d = root / name
-        files = sorted(p for p in d.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES) if d.is_dir() else []
+        files = sorted(p for p in _entries(d) if p.suffix.lower() in IMAGE_SUFFIXES) if d.is_dir() else []
         for p in files:
             xs.append(_read_image(p, size, channels))
             ys.append(label)
     if not xs:
-        raise ValueError(f"{root} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))}) "
-                         "in its class folders")
+        raise DataError(f"{root} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))}) "
+                        "in its class folders")
     return np.stack(xs), np.asarray(ys, np.int32)
 
 
@@ -165,17 +216,17 @@ def load_image_folder(root: str | os.PathLike, size: tuple[int, int], channels: 
     if (root / "train").is_dir() and (root / "test").is_dir():
         names = [d.name for d in _class_dirs(root / "train")]
         if not names:
-            raise ValueError(f"{root / 'train'} has no class folders")
+            raise DataError(f"{root / 'train'} has no class folders")
         extra = {d.name for d in _class_dirs(root / "test")} - set(names)
         if extra:
-            raise ValueError(f"{root / 'test'} has classes missing from train/: {sorted(extra)}")
+            raise DataError(f"{root / 'test'} has classes missing from train/: {sorted(extra)}")
         x_tr, y_tr = _read_tree(root / "train", names, size, channels)
         x_te, y_te = _read_tree(root / "test", names, size, channels)
     else:
         names = [d.name for d in _class_dirs(root)]
         if not names:
-            raise ValueError(f"{root} has no class folders (expected root/<class>/*.png or "
-                             "root/train/<class> and root/test/<class>)")
+            raise DataError(f"{root} has no class folders (expected root/<class>/*.png or "
+                            "root/train/<class> and root/test/<class>)")
         x_tr, y_tr = _read_tree(root, names, size, channels)
         x_te = np.zeros((0, *x_tr.shape[1:]), np.uint8)
         y_te = np.zeros((0,), np.int32)
@@ -190,10 +241,25 @@ def load_cifar_pickles(path: str | os.PathLike) -> Dataset:
         root = root / "cifar-10-batches-py"
 
     def read(name: str) -> tuple[np.ndarray, np.ndarray]:
-        with open(root / name, "rb") as f:
-            d = pickle.load(f, encoding="bytes")
-        x = np.asarray(d[b"data"], np.uint8).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
-        return x, np.asarray(d[b"labels"], np.int32)
+        path = root / name
+        try:
+            with open(path, "rb") as f:
+                d = pickle.load(f, encoding="bytes")
+        except FileNotFoundError:
+            raise FileNotFoundError(f"{path} is missing (the CIFAR-10 python version holds "
+                                    "data_batch_1..5 and test_batch)") from None
+        except Exception as e:  # unpickling bad bytes raises EOFError, UnpicklingError, ValueError...
+            raise DataError(f"{path}: not a CIFAR-10 batch (cannot unpickle it: {_why(e)})") from None
+        if not isinstance(d, dict) or b"data" not in d or b"labels" not in d:
+            raise DataError(f"{path}: not a CIFAR-10 batch (no b'data' and b'labels' entries)")
+        try:
+            x, y = np.asarray(d[b"data"], np.uint8), np.asarray(d[b"labels"], np.int32)
+        except (TypeError, ValueError, OverflowError) as e:
+            raise DataError(f"{path}: b'data' or b'labels' is not numbers ({_why(e)})") from None
+        if x.size % 3072 or y.ndim != 1 or x.size // 3072 != len(y):
+            raise DataError(f"{path}: {x.size} data bytes and {y.size} labels do not make "
+                            "32x32x3 images with one label each")
+        return x.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1), y
 
     train = [read(f"data_batch_{i}") for i in range(1, 6)]
     x_te, y_te = read("test_batch")
@@ -318,10 +384,18 @@ def cache_dir() -> Path:
 def _cache_key(name: str, data_dir: Path | None, size: object) -> str:
     stamp = ""
     if data_dir is not None:  # a changed directory (new files, mtime) gets a new cache entry
-        entries = sorted((p.name, p.stat().st_mtime_ns, p.stat().st_size) for p in data_dir.iterdir())
+        entries = sorted((p.name, st.st_mtime_ns, st.st_size)
+                         for p, st in ((p, _stat(p)) for p in _entries(data_dir)))
         stamp = f"{data_dir.resolve()}|{entries}"
     digest = hashlib.sha1(f"{name}|{stamp}|{size}".encode()).hexdigest()[:12]
     return f"{name}-{digest}.npz"
+
+
+def _stat(p: Path) -> os.stat_result:
+    try:
+        return p.stat()
+    except OSError:  # a broken symlink: key on the link; the loader says what is missing
+        return p.lstat()
 
 
 def _save_npz(path: Path, ds: Dataset) -> None:
@@ -367,32 +441,76 @@ def _local_copy(name: str) -> Path | None:
     return LOCAL_FASHION_MNIST if name == "fashion_mnist" else None
 
 
-def _pick_source(name: str, ddir: Path | None) -> tuple[str, Path | None]:
-    """('dir'|'tfds'|'local'|'download', directory or None): where ``name`` is read from.
+def _pick_source(name: str, ddir: Path | None) -> tuple[str, Path | None, str | None]:
+    """('dir'|'tfds'|'local'|'download', directory or None, note or None): where ``name`` is read from.
 
-    Order: --data-dir; data tfds has prepared; the known local copy (said on stderr); a tfds
-    download if its hosts answer. Otherwise one FileNotFoundError that says how to get the data.
+    Order: --data-dir; data tfds has prepared; the known local copy (with a note saying why); a
+    tfds download if its hosts answer. Otherwise one FileNotFoundError that says how to get the data.
     """
     if ddir is not None:
-        return "dir", ddir
+        return "dir", ddir, None
     if name not in TFDS_NAMES:
         raise _no_data(name, "no --data-dir given")
     tfds_name = TFDS_NAMES[name]
     have_tfds = _tfds_available()
     if have_tfds and _tfds_prepared(tfds_name):
-        return "tfds", None
+        return "tfds", None, None
     why = (f"tensorflow-datasets has no prepared {tfds_name}" if have_tfds
            else "tensorflow-datasets is not installed")
     local = _local_copy(name)
     if local is not None and local.is_dir():
-        print(f"{why}; using the local copy {local}", file=sys.stderr)
-        return "local", local
+        return "local", local, f"{why}; using the local copy {local}"
     if have_tfds:
         unreachable = _tfds_unreachable(tfds_name)
         if unreachable is None:
-            return "download", None
+            return "download", None, None
         why += f" and cannot download it: {unreachable}"
     raise _no_data(name, why)
+
+
+@functools.cache
+def _note_once(message: str) -> None:
+    """Print ``message`` on stderr the first time this process asks for it."""
+    print(message, file=sys.stderr)
+
+
+def _split_problem(x: np.ndarray, y: np.ndarray, num_classes: int) -> str | None:
+    """What makes one split's arrays unusable, or None."""
+    if x.ndim != 4:
+        return f"images have shape {x.shape}, expected 4-D (N, H, W, C)"
+    if x.dtype != np.uint8:
+        return f"images are {x.dtype}, expected uint8"
+    if y.ndim != 1 or not np.issubdtype(y.dtype, np.integer):
+        return f"labels are {y.dtype} of shape {y.shape}, expected 1-D integers"
+    if len(x) != len(y):
+        return f"{len(x)} images but {len(y)} labels"
+    bad = np.unique(y[(y < 0) | (y >= num_classes)])
+    if len(bad):
+        shown = ", ".join(str(v) for v in bad[:10]) + (", ..." if len(bad) > 10 else "")
+        return f"labels outside [0, {num_classes}) ({num_classes} class names): {shown}"
+    return None
+
+
+def check_dataset(ds: Dataset) -> None:
+    """Raise a DataError naming ``ds.source`` if a classifier cannot train on ``ds``.
+
+    That is: an empty or one-class training split, labels outside the class names, arrays of the
+    wrong rank, type or length. An empty test split is fine (it means 'split the training set').
+    """
+    for split, x, y in (("train", ds.x_train, ds.y_train), ("test", ds.x_test, ds.y_test)):
+        problem = _split_problem(x, y, ds.num_classes)
+        if problem:
+            raise DataError(f"{ds.source}: {split} split: {problem}")
+    if not len(ds.x_train):
+        raise DataError(f"{ds.source}: the training split holds no images")
+    if len(ds.x_test) and ds.x_test.shape[1:] != ds.x_train.shape[1:]:
+        raise DataError(f"{ds.source}: test images are {ds.x_test.shape[1:]} but training images "
+                        f"{ds.x_train.shape[1:]}")
+    found = np.unique(ds.y_train)
+    if len(found) < 2:
+        names = ", ".join(repr(ds.class_names[i]) for i in found)
+        raise DataError(f"{ds.source}: the training split holds {len(found)} class ({names}); "
+                        "a classifier needs at least 2")
 
 
 def _load_source(name: str, kind: str, path: Path | None, size: tuple[int, int] | None,
@@ -429,27 +547,34 @@ def load_dataset(name: str, data_dir: str | os.PathLike | None = None,
     """Load dataset ``name`` ('fashion_mnist', 'cifar10', 'cifar2', 'image_folder'), cached as .npz.
 
     ``size`` (H, W) and ``channels`` apply to image folders only. Sources, in order: ``data_dir``,
-    data tensorflow-datasets has prepared, the Debian FashionMNIST copy, a tfds download.
+    data tensorflow-datasets has prepared, the Debian FashionMNIST copy, a tfds download. Unusable
+    data (a corrupt file, what ``check_dataset`` refuses) is a one-line DataError naming it.
     """
     if name not in DATASETS:
         raise ValueError(f"unknown dataset {name!r}; expected one of {', '.join(DATASETS)}")
     ddir = Path(data_dir).expanduser() if data_dir is not None else None
     if ddir is not None and not ddir.is_dir():
         raise FileNotFoundError(f"--data-dir {ddir} does not exist or is not a directory")
-    kind, src_dir = _pick_source(name, ddir)
+    kind, src_dir, note = _pick_source(name, ddir)
     # size/channels only shape image folders; FashionMNIST and CIFAR pickles ignore them. A
     # directory source keys the cache on its contents, so the cache follows changes to it.
     shape_key = (tuple(size) if size else None, channels) if name != "fashion_mnist" else None
     path = cache_dir() / _cache_key(name, src_dir, shape_key)
+    ds = None
     if use_cache and path.is_file():
         try:
-            return _load_npz(path)
+            ds = _load_npz(path)
         except (OSError, ValueError, KeyError):
             path.unlink(missing_ok=True)  # a corrupt cache entry is rebuilt
-    ds = _load_source(name, kind, src_dir, tuple(size) if size else None, channels)
-    if use_cache:
+    fresh = ds is None
+    if ds is None:
+        ds = _load_source(name, kind, src_dir, tuple(size) if size else None, channels)
+    check_dataset(ds)  # a cache hit too: an entry may predate a check
+    if use_cache and fresh:
         try:
             _save_npz(path, ds)
         except OSError as e:  # a read-only home must not stop training
             print(f"warning: could not cache {name} at {path}: {e}", file=sys.stderr)
+    if note:
+        _note_once(note)
     return ds

@@ -13,16 +13,15 @@ def create(name: str, num_classes: int | None = None, seed: int = 0, **kw: Any):
     """Build the Flax NNX model ``name`` with ``num_classes`` outputs (registry default if None).
 
     ``seed`` seeds the parameter and dropout streams; ``kw`` overrides constructor arguments
-    (e.g. ``n_channel`` for the cifar2 nets, ``option='B'`` for ResNet shortcuts).
+    (e.g. ``n_channel`` for the cifar2 nets, ``option='B'`` for ResNet shortcuts). A bad argument
+    is one TypeError or ValueError naming it.
     """
     from flax import nnx
 
-    from flaxnets.registry import model_class
+    from flaxnets.registry import check_int, constructor
 
-    cls, kwargs, spec = model_class("flaxnets", name)
-    kwargs.update(kw)
-    return cls(num_classes=spec.num_classes if num_classes is None else num_classes,
-               rngs=nnx.Rngs(seed), **kwargs)
+    cls, kwargs = constructor("flaxnets", name, num_classes, kw, own=("rngs",))
+    return cls(rngs=nnx.Rngs(check_int("seed", seed, -(2**63), 2**63 - 1)), **kwargs)
 
 
 def create_for_loading(name: str, num_classes: int | None = None, **kw: Any):

@@ -8,6 +8,7 @@ backend converts it into the Flax model (``parity.convert.torch_to_flax``).
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -16,7 +17,7 @@ import numpy as np
 
 from flaxnets.data import IMAGE_SUFFIXES, load_dataset, load_image_folder
 from flaxnets.metrics import confusion_matrix
-from flaxnets.registry import check_image_shape, get_spec
+from flaxnets.registry import check_image_shape, check_int, get_spec
 from flaxnets.fit import make_splits
 from flaxnets.recipes import IMAGENET_MEAN, IMAGENET_STD, recipe_for
 
@@ -131,20 +132,30 @@ def evaluate(net: str, weights_path: str | Path, data_dir: str | Path | None = N
     """Evaluate the weights in ``weights_path`` on ``net``'s test data with ``backend``.
 
     ``mean``/``std`` default to the recipe's normalisation; ``seed`` (default: the run's, else 0)
-    recreates a carved-out test split exactly as training made it.
+    recreates a carved-out test split exactly as training made it. Bad options are one ValueError
+    (TypeError for a non-int count), raised before any weights or data are read.
     """
+    channels = get_spec(net).input_shape[2]
+    if backend not in ("jax", "torch"):
+        raise ValueError(f"unknown backend {backend!r}; expected 'jax' or 'torch'")
+    check_int("--batch-size", batch_size, 1)
+    if seed is not None:
+        check_int("--seed", seed, 0)
+    for what, v in (("mean", mean), ("std", std)):
+        if v is None:
+            continue
+        if len(v) != channels:
+            raise ValueError(f"--{what} needs {channels} values for {net!r}, got {len(v)}")
+        if not all(math.isfinite(c) for c in v):
+            raise ValueError(f"--{what} values must be finite numbers, got {' '.join(map(str, v))}")
+    if (mean is None) != (std is None):
+        raise ValueError("give both --mean and --std, or neither")
+    if std is not None and min(std) <= 0:
+        raise ValueError(f"--std values must be positive, got {' '.join(map(str, std))}")
+
     from parity.convert import torch_to_flax
     from parity.files import read_weights
 
-    get_spec(net)
-    if (mean is None) != (std is None):
-        raise ValueError("give both --mean and --std, or neither")
-    for what, v in (("mean", mean), ("std", std)):
-        if v is not None and len(v) != get_spec(net).input_shape[2]:
-            raise ValueError(f"--{what} needs {get_spec(net).input_shape[2]} values for {net!r}, "
-                             f"got {len(v)}")
-    if std is not None and min(std) <= 0:
-        raise ValueError("--std values must be positive")
     wfile, config = resolve_weights(weights_path)
     if config is not None:
         if config.get("net") != net:
@@ -155,14 +166,11 @@ def evaluate(net: str, weights_path: str | Path, data_dir: str | Path | None = N
     if mean is None and recipe_for(net).normalize == "imagenet":
         mean, std = IMAGENET_MEAN, IMAGENET_STD
     x = normalize(x_u8, mean, std)
+    weights = read_weights(wfile, net)
     if backend == "jax":
-        weights = read_weights(wfile, net)
         logits = _logits_jax(torch_to_flax(net, weights.state_dict, weights.num_classes), x, batch_size)
-    elif backend == "torch":
-        weights = read_weights(wfile, net)
-        logits = _logits_torch(net, weights, x, batch_size)
     else:
-        raise ValueError(f"unknown backend {backend!r}; expected 'jax' or 'torch'")
+        logits = _logits_torch(net, weights, x, batch_size)
     if logits.shape[1] != len(class_names):
         raise ValueError(f"the weights have {logits.shape[1]} classes but the data has "
                          f"{len(class_names)} ({', '.join(class_names[:10])})")

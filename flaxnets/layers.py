@@ -22,6 +22,7 @@ from flax.linen import avg_pool, max_pool
 
 from flaxnets import xla_cpu
 from flaxnets.functional import batch_stats, normalised
+from flaxnets.registry import check_batch_shape
 
 Array = jax.Array
 Initializer = Callable[..., Array]
@@ -200,6 +201,23 @@ class BatchNorm2d(nnx.Module):
         return y
 
 
+
+
+# --------------------------------------------------------------------------- nets
+class ImageClassifier(nnx.Module):
+    """Base of the registered nets: ``__call__`` checks that the batch is one the net takes
+    (NHWC, the registry's size and channels), then runs the subclass's ``forward``.
+
+    The check reads only ``x.shape``, static under jit: it runs once per trace, not per step.
+    """
+
+    def __call__(self, x: Array) -> Array:
+        check_batch_shape(type(self), x.shape)
+        return self.forward(x)
+
+    def forward(self, x: Array) -> Array:
+        """The net's computation on a checked NHWC batch."""
+        raise NotImplementedError
 
 
 # --------------------------------------------------------------------------- containers

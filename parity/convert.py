@@ -9,6 +9,7 @@ flatten in torch's NCHW order (``flaxnets.layers.flatten_nchw``).
 
 from __future__ import annotations
 
+import os
 import re
 from collections import OrderedDict
 from collections.abc import Iterator, Mapping
@@ -183,6 +184,17 @@ def torch_to_flax(name: str, state_dict: Mapping[str, Any], num_classes: int | N
     constructor (e.g. ``option='B'``).
     """
     spec = flaxnets.get_spec(name)
+    if not isinstance(state_dict, Mapping):
+        got = type(state_dict).__name__
+        if isinstance(getattr(state_dict, "state_dict", None), Mapping):  # parity.Weights
+            got = f"{got} (its .state_dict is one)"
+        elif callable(getattr(state_dict, "state_dict", None)):
+            got = f"a torch module ({got})"
+        elif isinstance(state_dict, (str, os.PathLike)):
+            got = f"a path ({str(state_dict)!r})"
+        raise TypeError(f"torch_to_flax takes a state_dict (a mapping of tensors), got {got}: pass "
+                        f"module.state_dict(), or for a file w = parity.read_weights(path, {name!r}) "
+                        f"and torch_to_flax({name!r}, w.state_dict)")
     state_dict = normalize_keys(state_dict)
     if num_classes is None:
         head = state_dict.get(f"{spec.head}.weight")

@@ -22,10 +22,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--weights", required=True,
                    help="a run directory (its model.pt), or a .pt/.pth/.th/.bin or .safetensors weights file")
     p.add_argument("--data-dir", help="the recipe's data (as for train.py) or an image folder")
-    p.add_argument("--backend", default="jax", choices=["jax", "torch"])
+    p.add_argument("--backend", default="jax", choices=["jax", "torch"],
+                   help="framework that runs the net on the weights: jax (Flax, the weights converted) "
+                        "or torch (torch_ref); default jax")
     p.add_argument("--mean", type=float, nargs="+", help="per-channel mean after scaling to [0, 1]")
     p.add_argument("--std", type=float, nargs="+", help="per-channel std after scaling to [0, 1]")
-    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--batch-size", type=int, default=256,
+                   help="images per forward pass (at least 1; default 256)")
     p.add_argument("--seed", type=int, help="split seed for carved-out test sets (default: the run's)")
     p.add_argument("--out", help="where the pictures go (default runs/eval-<net>-<backend>-<time>)")
     args = p.parse_args(argv)

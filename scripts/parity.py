@@ -16,11 +16,23 @@ if __name__ == "__main__" and Path(sys.path[0] or ".").resolve() == Path(__file_
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("--net", default="all", help=f"a net name or 'all' ({', '.join(list_nets())})")
-    p.add_argument("--seed", type=int, default=0, help="seed of the random weights and batch")
-    p.add_argument("--batch", type=int, default=2, help="batch size of the check")
+    """Print one row per net (logits, BN statistics, gradients, round trip) and a pass/fail count."""
+    p = argparse.ArgumentParser(
+        description=__doc__,
+        epilog="exit status: 0 if every check passed, 1 if any failed (their details are printed), "
+               "2 for a usage error (an unknown net or a bad number).")
+    p.add_argument("--net", default="all",
+                   help=f"a net name, or 'all' (the default), which checks all {len(list_nets()) + 1} "
+                        f"nets (the {len(list_nets())} registered ones and torchvision's densenet121) "
+                        f"in about ten minutes on a 2-core CPU; nets: {', '.join(list_nets())}")
+    p.add_argument("--seed", type=int, default=0,
+                   help=f"seed of the random weights and batch (0 to {2**32 - 1}; default 0)")
+    p.add_argument("--batch", type=int, default=2, help="batch size of the check (at least 1; default 2)")
     args = p.parse_args(argv)
+    if args.batch < 1:
+        p.error(f"--batch must be at least 1, got {args.batch}")
+    if not 0 <= args.seed < 2**32:  # numpy's RandomState draws the batch
+        p.error(f"--seed must be between 0 and {2**32 - 1}, got {args.seed}")
     names = list_nets() if args.net == "all" else [args.net]
     try:
         for n in names:

@@ -6,10 +6,11 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from flaxnets.layers import BatchNorm2d, conv2d, dropout2d, flatten_nchw, linear, max_pool2d
+from flaxnets.layers import (BatchNorm2d, ImageClassifier, conv2d, dropout2d, flatten_nchw, linear,
+                             max_pool2d)
 
 
-class NetWidth(nnx.Module):
+class NetWidth(ImageClassifier):
     """conv1 (3→n) and conv2 (n→n/2), each tanh + maxpool 2, then fc1 (→32, tanh) and fc2.
 
     Corrects the material: its ``forward`` skipped ``conv2`` (re-applying tanh and pooling to
@@ -30,7 +31,7 @@ class NetWidth(nnx.Module):
     def _block2(self, x: jax.Array) -> jax.Array:
         return max_pool2d(jnp.tanh(self.conv2(x)), 2)
 
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def forward(self, x: jax.Array) -> jax.Array:
         out = flatten_nchw(self._block2(self._block1(x)))
         return self.fc2(jnp.tanh(self.fc1(out)))
 

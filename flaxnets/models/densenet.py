@@ -6,8 +6,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from flaxnets.layers import (AvgPool2d, BatchNorm2d, MaxPool2d, ReLU, SEBlock, Sequential, conv2d,
-                             global_avg_pool, linear)
+from flaxnets.layers import (AvgPool2d, BatchNorm2d, ImageClassifier, MaxPool2d, ReLU, SEBlock,
+                             Sequential, conv2d, global_avg_pool, linear)
 
 _KN = "kaiming_normal"
 
@@ -56,7 +56,7 @@ class Transition(Sequential):
         self.add_module("pool", AvgPool2d(2, 2))
 
 
-class DenseNet(nnx.Module):
+class DenseNet(ImageClassifier):
     """DenseNet-BC; with ``se_reduction`` set, the material's DenseNet+SE.
 
     Corrects the material: its ``forward`` discarded the SE output and pooled the raw features
@@ -88,7 +88,7 @@ class DenseNet(nnx.Module):
         self.se = SEBlock(num_features, se_reduction, rngs=rngs) if se_reduction else None
         self.classifier = linear(num_features, num_classes, bias_init="zeros", rngs=rngs)
 
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def forward(self, x: jax.Array) -> jax.Array:
         features = self.features(x)
         if self.se is not None:
             features = self.se(features)

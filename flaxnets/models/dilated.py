@@ -5,10 +5,11 @@ from __future__ import annotations
 import jax
 from flax import nnx
 
-from flaxnets.layers import AvgPool2d, ReLU, Sequential, conv2d, flatten_nchw, linear
+from flaxnets.layers import (AvgPool2d, ImageClassifier, ReLU, Sequential, conv2d, flatten_nchw,
+                             linear)
 
 
-class MyConvDilaNet(nnx.Module):
+class MyConvDilaNet(ImageClassifier):
     """Two dilation-2 3×3 convs (ReLU, AvgPool 2) and an MLP 512→256→128→classes.
 
     The material's ``view`` (fails on non-contiguous input) is a flatten in torch order here.
@@ -23,5 +24,5 @@ class MyConvDilaNet(nnx.Module):
             linear(128, num_classes, rngs=rngs),
         )
 
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def forward(self, x: jax.Array) -> jax.Array:
         return self.classifier(flatten_nchw(self.conv2(self.conv1(x))))

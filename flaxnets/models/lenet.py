@@ -5,10 +5,11 @@ from __future__ import annotations
 import jax
 from flax import nnx
 
-from flaxnets.layers import MaxPool2d, Sequential, Sigmoid, conv2d, flatten_nchw, linear
+from flaxnets.layers import (ImageClassifier, MaxPool2d, Sequential, Sigmoid, conv2d, flatten_nchw,
+                             linear)
 
 
-class LeNet(nnx.Module):
+class LeNet(ImageClassifier):
     """Conv 1→6 k5, sigmoid, maxpool 2; conv 6→16 k5, sigmoid, maxpool 2; MLP 256→120→84→classes.
 
     Paths ``conv.0`` … ``fc.4`` equal the torch keys. The material's ``view`` (fails on
@@ -26,5 +27,5 @@ class LeNet(nnx.Module):
             linear(84, num_classes, rngs=rngs),
         )
 
-    def __call__(self, img: jax.Array) -> jax.Array:
+    def forward(self, img: jax.Array) -> jax.Array:
         return self.fc(flatten_nchw(self.conv(img)))

@@ -6,7 +6,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from flaxnets.layers import BatchNorm2d, BlockStack, Sequential, conv2d, global_avg_pool, linear
+from flaxnets.layers import (BatchNorm2d, BlockStack, ImageClassifier, Sequential, conv2d,
+                             global_avg_pool, linear)
 
 
 # Scan a stage's identical blocks from 3 on. Measured on a 2-core Xeon (JaxEngine train
@@ -57,7 +58,7 @@ class BasicBlock(nnx.Module):
         return jax.nn.relu(out + self.shortcut(x))
 
 
-class ResNet(nnx.Module):
+class ResNet(ImageClassifier):
     """ResNet-``depth`` (6n+2) for 32×32 inputs: 16-32-64 channels, n BasicBlocks per stage.
 
     Conv and linear weights are kaiming-normal (the material's ``_weights_init``); the linear
@@ -84,7 +85,7 @@ class ResNet(nnx.Module):
         # blocks 1.. of a stage are identical: scanned once there are SCAN_MIN_BLOCKS of them
         return BlockStack(*layers, scan_from=1, scan_min=SCAN_MIN_BLOCKS)
 
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def forward(self, x: jax.Array) -> jax.Array:
         out = jax.nn.relu(self.bn1(self.conv1(x)))
         out = self.layer3(self.layer2(self.layer1(out)))
         return self.linear(global_avg_pool(out))

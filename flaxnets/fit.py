@@ -198,12 +198,15 @@ def checkpoint_paths(run_dir: str | Path, backend: str) -> dict[str, Path]:
 
 def fit(name: str, data: Dataset, recipe: Recipe | None = None, seed: int = 0,
         progress: Callable[[int, int, int], None] | None = None,
-        on_epoch: Callable[[dict[str, Any]], None] | None = None, *, backend: str = "jax",
-        run_dir: str | Path | None = None, resume: bool = False) -> FitResult:
+        on_epoch: Callable[[list[dict[str, Any]]], None] | None = None, *, backend: str = "jax",
+        run_dir: str | Path | None = None, resume: bool = False,
+        on_start: Callable[[int], None] | None = None) -> FitResult:
     """Train net ``name`` on ``data`` with ``recipe`` (its family's default if None).
 
-    ``progress(epoch, step, steps)`` is called after each dispatched step and ``on_epoch(row)``
-    after each epoch. With ``run_dir`` the last and best training states are written to
+    ``progress(epoch, step, steps)`` is called after each dispatched step, ``on_start(epoch)``
+    once the engine is built (and a resumed state loaded), before the first epoch it trains, and
+    ``on_epoch(rows)`` after each epoch with the metrics of every epoch so far (a resumed run's
+    earlier ones included). With ``run_dir`` the last and best training states are written to
     ``run_dir/checkpoints`` after every epoch, and ``resume`` continues from the last one: the
     final metrics equal the uninterrupted run's bit for bit on CPU (same seed, same data).
     A NaN/Inf loss raises NonFiniteLossError; the checkpoints keep the last good epoch.
@@ -225,6 +228,9 @@ def fit(name: str, data: Dataset, recipe: Recipe | None = None, seed: int = 0,
             raise FileNotFoundError(f"nothing to resume: no checkpoint {paths and paths['last']}")
         snapshot, meta = engine.load_state(paths["last"])
         _check_resumable(meta, meta_base)
+        if int(meta["epoch"]) > recipe.epochs:
+            raise ValueError(f"cannot resume: the run has trained {meta['epoch']} epochs, more "
+                             f"than the {recipe.epochs} asked for; ask for {meta['epoch']} or more")
         engine.set_state(snapshot)
         metrics, start = list(meta["metrics"]), int(meta["epoch"])
         best_acc, best_epoch = float(meta["best_val_acc"]), int(meta["best_epoch"])
@@ -239,6 +245,8 @@ def fit(name: str, data: Dataset, recipe: Recipe | None = None, seed: int = 0,
                 raise CheckpointError(f"{paths['best']} holds epoch {best_meta.get('epoch')}, "
                                       f"{paths['last']} names epoch {best_epoch} as the best")
 
+    if on_start:
+        on_start(start)
     for epoch in range(start, recipe.epochs):
         t_ep = time.perf_counter()
         lr = engine.lr_at(epoch * engine.steps)
@@ -264,7 +272,7 @@ def fit(name: str, data: Dataset, recipe: Recipe | None = None, seed: int = 0,
                 if improved:
                     engine.save_state(snap, paths["best"], meta)
         if on_epoch:
-            on_epoch(row)
+            on_epoch(metrics)
 
     if validating and best_state is not None:
         engine.set_state(best_state)  # the best-validation weights are the ones kept

@@ -3,6 +3,7 @@ import)."""
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
@@ -10,8 +11,11 @@ import os
 import platform
 import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+import filelock
 
 from flaxnets import metrics, plots
 from flaxnets.fit import FitResult
@@ -20,8 +24,59 @@ from flaxnets.fit import FitResult
 DISK_SLACK_BYTES = 64 << 20
 
 
+# What a run writes into its directory; a directory holding any of these holds a run.
+RUN_FILES = ("config.json", "metrics.csv", "per_class.csv", "curves.png", "confusion_matrix.png",
+             "samples.png", "model.pt", "model.safetensors", "checkpoints")
+LOCK_FILE = ".lock"
+
+
 class RunDirError(ValueError):
     """A run directory that cannot be written, or a disk without room for the run's files."""
+
+
+class RunDirBusyError(RunDirError):
+    """Another process is training into the run directory."""
+
+
+@contextlib.contextmanager
+def locked_run_dir(run_dir: Path) -> Iterator[Path]:
+    """Hold ``run_dir``'s lock while a run writes into it; a second run into it is refused.
+
+    The lock is an flock (``filelock``): the kernel drops it when its process dies, so a killed
+    run leaves no stale lock. A directory this call created is removed again if the run left
+    nothing in it but the lock file.
+    """
+    created = not run_dir.exists()
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise RunDirError(f"cannot write to --out {run_dir}: {e.strerror or e}") from None
+    lock = filelock.FileLock(run_dir / LOCK_FILE, timeout=0)
+    try:
+        lock.acquire()
+    except filelock.Timeout:
+        raise RunDirBusyError(f"{run_dir} is in use: another process is training into it "
+                              f"(it holds {run_dir / LOCK_FILE}); wait for it to end") from None
+    except OSError as e:
+        raise RunDirError(f"cannot write to --out {run_dir}: {e.strerror or e}") from None
+    try:
+        yield run_dir
+    finally:
+        lock.release()
+        if created and {p.name for p in run_dir.iterdir()} <= {LOCK_FILE}:
+            shutil.rmtree(run_dir, ignore_errors=True)
+
+
+def run_files(run_dir: Path) -> list[str]:
+    """The names in ``run_dir`` that a run wrote (empty for a new or unrelated directory)."""
+    return [n for n in RUN_FILES if (run_dir / n).exists()]
+
+
+def remove_run(run_dir: Path) -> None:
+    """Delete the files an earlier run wrote into ``run_dir`` (``--force``); others stay."""
+    for name in run_files(run_dir):
+        path = run_dir / name
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
@@ -94,6 +149,17 @@ def versions() -> dict[str, str]:
         except md.PackageNotFoundError:
             out[pkg] = "not installed"
     return out
+
+
+def host_memory_available() -> int | None:
+    """Bytes of memory the kernel says a new allocation can get (MemAvailable), None if unknown."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
 
 
 def prepare_out(run_dir: Path, need_bytes: int) -> None:

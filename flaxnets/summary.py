@@ -4,6 +4,9 @@ the rows)."""
 
 from __future__ import annotations
 
+import math
+import re
+
 SummaryRow = tuple[str, str, str, int]  # (path, layer type, output shape, parameters)
 
 
@@ -16,3 +19,10 @@ def format_summary(name: str, rows: list[SummaryRow], total: int) -> str:
     sep = "-" * len(head)
     return "\n".join([f"model {name}", head, sep, *map(line, rows), sep,
                       f"{'total trainable parameters':<{len(head) - w[3] - 2}}  {total:>{w[3]},}"])
+
+
+def activation_elements(rows: list[SummaryRow]) -> int:
+    """Values the leaf layers output for one example: the activations a training step keeps
+    for its backward pass (shapes such as ``(1,6,24,24)``; nested tuples for several outputs)."""
+    return sum(math.prod(int(d) for d in dims.split(",")[1:] if d)
+               for _, _, shape, _ in rows for dims in re.findall(r"\(([\d,]+)\)", shape))

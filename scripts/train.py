@@ -52,8 +52,34 @@ class RunError(Exception):
     """A problem reported as one line on stderr with exit status 1."""
 
 
+def recipes_epilog() -> str:
+    """Each net's recipe defaults, for --help."""
+    from flaxnets.recipes import recipe_for
+
+    lines = ["each net's recipe (--epochs, --batch-size and --lr override it):"]
+    for n in list_nets():
+        r = recipe_for(n)
+        parts = [r.dataset, f"{r.optimizer} lr {r.lr:g}", f"batch {r.batch_size}", f"{r.epochs} epochs"]
+        if r.momentum:
+            parts.append(f"momentum {r.momentum:g}")
+        if r.weight_decay:
+            parts.append(f"weight decay {r.weight_decay:g}")
+        if r.l2:
+            parts.append(f"L2 {r.l2:g}")
+        if r.milestones:
+            parts.append(f"lr x{r.lr_gamma:g} at epochs {'/'.join(map(str, r.milestones))}")
+        if r.augment != "none":
+            parts.append(r.augment.replace("_", "+"))
+        for what, f in (("validation", r.val_fraction), ("test", r.test_fraction)):
+            if f:
+                parts.append(f"{f:.0%} {what} split")
+        lines.append(f"  {n:<15}{', '.join(parts)}")
+    return "\n".join(lines)
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__)
+    p = argparse.ArgumentParser(description=__doc__, epilog=recipes_epilog(),
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--net", help=f"one of: {', '.join(list_nets())}")
     p.add_argument("--backend", choices=["jax", "torch"], help="training framework (default jax)")
     p.add_argument("--epochs", type=int, help="override the recipe's epoch count")
@@ -61,7 +87,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--lr", type=float, help="override the recipe's learning rate")
     p.add_argument("--data-dir", help="dataset directory (IDX files, CIFAR pickles or an image folder)")
     p.add_argument("--seed", type=int, help="seed of initialisation, shuffling, augmentation (default 0)")
-    p.add_argument("--out", help="run directory (default runs/<net>-<backend>-<timestamp>)")
+    p.add_argument("--out", help="run directory (default runs/<net>-<backend>-<timestamp>); "
+                                 "one that holds a run is refused unless --force")
+    p.add_argument("--force", action="store_true",
+                   help="replace the run in --out (its files are deleted once the new run starts)")
     p.add_argument("--distributed", action="store_true",
                    help="multi-host JAX: jax.distributed.initialize() from the environment (SLURM, "
                         "Open MPI, TPU, or JAX_COORDINATOR_ADDRESS/JAX_NUM_PROCESSES/JAX_PROCESS_ID); "
@@ -71,16 +100,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.resume is None and args.net is None:
         p.error("--net is required (or --resume RUN_DIR)")
+    if args.resume is not None and (args.force or args.out is not None):
+        p.error("--resume continues the run in RUN_DIR; it takes neither --out nor --force")
     for flag in ("epochs", "batch_size"):
         if getattr(args, flag) is not None and getattr(args, flag) < 1:
             p.error(f"--{flag.replace('_', '-')} must be at least 1")
-    if args.lr is not None and not args.lr > 0:
-        p.error("--lr must be positive")
+    if args.lr is not None and not (0 < args.lr < float("inf")):
+        p.error("--lr must be a positive finite number")
     return args
 
 
-def resolve(args: argparse.Namespace) -> tuple[dict[str, Any], Path]:
-    """The run's settings (from the command line, or from RUN_DIR/config.json when resuming)."""
+def resolve(args: argparse.Namespace) -> tuple[dict[str, Any], Path, dict[str, Any] | None]:
+    """The run's settings, its directory, and (when resuming) the run's config.json."""
     if args.resume:
         run_dir = Path(args.resume)
         try:
@@ -95,22 +126,50 @@ def resolve(args: argparse.Namespace) -> tuple[dict[str, Any], Path]:
                                f"resumed ({stored}); a resumed run keeps its settings")
         settings = {k: old[k] for k in ("net", "backend", "seed", "data_dir")}
         settings["overrides"] = dict(old["overrides"], epochs=args.epochs or old["recipe"]["epochs"])
-        return settings, run_dir
+        return settings, run_dir, old
     settings = {"net": args.net, "backend": args.backend or "jax", "seed": args.seed or 0,
                 "data_dir": args.data_dir,
                 "overrides": {"epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr}}
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
     run_dir = Path(args.out) if args.out else Path("runs") / f"{args.net}-{settings['backend']}-{stamp}"
-    return settings, run_dir
+    return settings, run_dir, None
+
+
+def memory_limit(backend: str) -> int | None:
+    """Bytes a training step may use: the accelerator's memory for JAX on one, else the host's."""
+    from flaxnets.runs import host_memory_available
+
+    if backend == "jax":
+        import jax
+
+        if jax.default_backend() != "cpu":
+            stats = jax.local_devices()[0].memory_stats() or {}
+            if stats.get("bytes_limit"):
+                return int(stats["bytes_limit"])
+    return host_memory_available()
+
+
+def interrupted(run_dir: Path, backend: str) -> str:
+    """What a Ctrl-C leaves, and the command that goes on from there."""
+    from flaxnets.fit import checkpoint_paths, has_checkpoint
+
+    again = f"python scripts/train.py --resume {run_dir}"
+    if has_checkpoint(checkpoint_paths(run_dir, backend)["last"], backend):
+        return f"interrupted; continue with: {again}"
+    if (run_dir / "config.json").is_file():
+        return f"interrupted before the first epoch ended, so no epoch was saved; start it again with: {again}"
+    return "interrupted before training started; nothing was written"
 
 
 def run(argv: list[str] | None) -> int:
     args = parse_args(argv)
-    settings, run_dir = resolve(args)
-    from flaxnets.compile_cache import ENV, enable_compile_cache
+    settings, run_dir, old = resolve(args)
+    name, backend = settings["net"], settings["backend"]
+    compile_cache = None
+    if backend == "jax":
+        from flaxnets.compile_cache import enable_compile_cache
 
-    compile_cache = enable_compile_cache()  # before anything compiles
-    name, backend, seed = settings["net"], settings["backend"], settings["seed"]
+        compile_cache = enable_compile_cache()  # before anything compiles
     primary = True  # the process that writes the run directory
     if args.distributed:
         if backend != "jax":
@@ -127,18 +186,44 @@ def run(argv: list[str] | None) -> int:
         print(f"process {jax.process_index()} of {jax.process_count()}, "
               f"{jax.local_device_count()} local / {jax.device_count()} global devices")
     try:
-        spec = get_spec(name)
+        get_spec(name)
     except UnknownNetError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    if not primary:
+        return train(args, settings, run_dir, old, compile_cache, primary=False)
+    from flaxnets.runs import locked_run_dir, run_files
 
+    with locked_run_dir(run_dir):
+        held = run_files(run_dir)
+        if not args.resume and held and not args.force:
+            raise RunError(f"--out {run_dir} already holds a run ({', '.join(held[:2])}"
+                           f"{', …' * (len(held) > 2)}); continue it with --resume {run_dir}, "
+                           f"or pass --force to replace it")
+        try:
+            return train(args, settings, run_dir, old, compile_cache, primary=True)
+        except KeyboardInterrupt:
+            print(f"\n{interrupted(run_dir, backend)}", file=sys.stderr)
+            return 130
+
+
+def train(args: argparse.Namespace, settings: dict[str, Any], run_dir: Path,
+          old: dict[str, Any] | None, compile_cache: Path | None, primary: bool) -> int:
+    """Load the data, size the run, train it and write the run directory (``primary`` only).
+
+    Nothing in ``run_dir`` changes before the engine is built and a resumed checkpoint has
+    loaded: a refused or failed start leaves an earlier run exactly as it was.
+    """
+    name, backend, seed = settings["net"], settings["backend"], settings["seed"]
     from flaxnets.data import load_dataset
     from flaxnets.fit import NonFiniteLossError, checkpoint_paths, fit, has_checkpoint
     from flaxnets.recipes import recipe_for
     from flaxnets.introspect import state_bytes
-    from flaxnets.runs import DISK_SLACK_BYTES, prepare_out, versions, write_json, write_metrics_csv, write_run
-    from flaxnets.summary import format_summary
+    from flaxnets.runs import (DISK_SLACK_BYTES, prepare_out, remove_run, versions, write_json,
+                               write_metrics_csv, write_run)
+    from flaxnets.summary import activation_elements, format_summary
 
+    spec = get_spec(name)
     recipe = recipe_for(name, **settings["overrides"])
     t0 = time.perf_counter()
     try:
@@ -165,46 +250,56 @@ def run(argv: list[str] | None) -> int:
     if backend == "jax":
         from flaxnets.introspect import model_summary
 
-        print(format_summary(name, *model_summary(abstract, data.image_shape)))
+        rows, total = model_summary(abstract, data.image_shape)
     else:
         import torch_ref
         from torch_ref.introspect import model_summary as torch_summary
 
-        print(format_summary(name, *torch_summary(torch_ref.create(name, data.num_classes),
-                                                  data.image_shape)))
+        rows, total = torch_summary(torch_ref.create(name, data.num_classes), data.image_shape)
+    print(format_summary(name, rows, total))
+    per_image = activation_elements(rows)
+    need, limit = 4 * per_image * recipe.batch_size, memory_limit(backend)
+    if limit is not None and need > limit:
+        # float32 layer outputs a step keeps for its backward pass: a floor under what it needs,
+        # refused here rather than by an allocation of hundreds of GiB
+        raise RunError(f"a batch of {recipe.batch_size:,} images needs about {need / 2**30:,.1f} GiB "
+                       f"for its layer outputs ({per_image:,} values per image), more than the "
+                       f"{limit / 2**30:,.1f} GiB available; lower --batch-size")
     print(f"recipe: {recipe}")
+    last = checkpoint_paths(run_dir, backend)["last"]
+    resuming = bool(args.resume)
+    if resuming and has_checkpoint(last, backend):
+        print(f"resuming {run_dir} from {last}")
+    elif resuming:
+        print(f"{run_dir} stopped before its first epoch ended; training it from the start")
+        resuming = False
+    now = datetime.now().isoformat(timespec="seconds")
     config = {"net": name, "backend": backend, "seed": seed, "data_dir": settings["data_dir"],
               "data_source": data.source, "recipe": dataclasses.asdict(recipe),
               "overrides": settings["overrides"], "command": [sys.executable, *sys.argv],
-              "versions": versions(), "started": datetime.now().isoformat(timespec="seconds"),
+              "versions": versions(), "started": old["started"] if resuming and old else now,
+              **({"resumed": now} if resuming else {}),
               "compile_cache": str(compile_cache) if compile_cache else None}
-    if primary:
-        write_json(run_dir / "config.json", config)  # first: a resume needs it even after a crash
-    if args.resume:
-        last = checkpoint_paths(run_dir, backend)["last"]
-        if not has_checkpoint(last, backend):
-            raise RunError(f"cannot resume {run_dir}: no finished epoch in {last}")
-        print(f"resuming {run_dir} from {last}")
 
-    rows: list[dict[str, Any]] = []
+    def on_start(epoch: int) -> None:
+        if primary:
+            if args.force:
+                remove_run(run_dir)
+            write_json(run_dir / "config.json", config)  # a resume needs it even after a crash
 
-    def on_epoch(row: dict[str, Any]) -> None:
-        rows.append(row)
+    def on_epoch(rows: list[dict[str, Any]]) -> None:
         if primary:
             write_metrics_csv(run_dir / "metrics.csv", rows)
-        print(epoch_line(row, recipe.epochs), flush=True)
+        print(epoch_line(rows[-1], recipe.epochs), flush=True)
 
     try:
         result = fit(name, data, recipe, seed=seed, progress=progress_bar(recipe.epochs),
-                     on_epoch=on_epoch, backend=backend, run_dir=run_dir, resume=bool(args.resume))
+                     on_epoch=on_epoch, backend=backend, run_dir=run_dir, resume=resuming,
+                     on_start=on_start)
     except NonFiniteLossError as e:
-        last = checkpoint_paths(run_dir, backend)["last"]
-        kept = f"the last good checkpoint is {last}" if has_checkpoint(last, backend) else "no epoch finished"
-        raise RunError(f"{e}; stopped, {kept}") from None
-    except KeyboardInterrupt:
-        print(f"\ninterrupted; continue with: python scripts/train.py --resume {run_dir}",
-              file=sys.stderr)
-        return 130
+        kept = (f", the last good checkpoint is {last}" if has_checkpoint(last, backend)
+                else " before the first epoch ended, so nothing was saved")
+        raise RunError(f"{e}; stopped{kept}") from None
     wall = time.perf_counter() - t0
     if not primary:
         print(f"final test accuracy {result.test_acc:.4f} (process 0 writes {run_dir})")
@@ -220,7 +315,10 @@ def run(argv: list[str] | None) -> int:
              if result.eval_split == "val" else "")
     print(f"final test accuracy {result.test_acc:.4f}, loss {result.test_loss:.4f}{extra}; "
           f"compile {result.compile_seconds:.1f} s, wall {wall:.1f} s")
-    print(f"compilation cache: {compile_cache or 'off'} ({ENV}=off or a directory to change it)")
+    if backend == "jax":
+        from flaxnets.compile_cache import ENV
+
+        print(f"compilation cache: {compile_cache or 'off'} ({ENV}=off or a directory to change it)")
     print(f"run written to {run_dir}: config.json, metrics.csv, per_class.csv, model.pt, "
           f"model.safetensors, checkpoints/")
     print(f"pictures: {run_dir / 'curves.png'}  {run_dir / 'confusion_matrix.png'}  "

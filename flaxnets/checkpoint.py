@@ -4,7 +4,7 @@ A checkpoint is an orbax ``CheckpointManager`` directory that keeps one step (th
 
     last/<step>/state       the arrays: orbax StandardSave (OCDBT + zarr), a nested dict of names
     last/<step>/meta        JSON: the caller's meta (net, class count, epoch, metrics, ...)
-    last/<step>/integrity   JSON: format, version and the SHA-256 of every array
+    last/<step>/integrity   JSON: format, version, the SHA-256 of every array and of the meta
 
 Orbax writes a step into ``<step>.orbax-checkpoint-tmp`` and renames it when every item is
 written, then deletes the older step: a process killed during a save leaves the previous step
@@ -14,7 +14,8 @@ replicated array once, from process 0) and ``load`` returns global arrays placed
 template's.
 
 The SHA-256s are checked on load because tensorstore checksums the OCDBT manifest and index but
-not the array chunks: a flipped bit in a chunk file loads, without them, as a wrong weight.
+not the array chunks: a flipped bit in a chunk file loads, without them, as a wrong weight; nor
+does anything check the meta JSON, whose epoch and metrics a resumed run continues from.
 Whatever orbax or tensorstore raise on a damaged or missing checkpoint becomes one
 ``CheckpointError`` naming the directory and the problem.
 
@@ -129,6 +130,11 @@ def _sha256(a: np.ndarray) -> str:
     return hashlib.sha256(np.ascontiguousarray(a).view(np.uint8)).hexdigest()
 
 
+def _meta_sha256(meta: dict[str, Any]) -> str:
+    """SHA-256 of the meta's canonical JSON (sorted keys): what save wrote and load read agree on it."""
+    return hashlib.sha256(json.dumps(meta, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
 # --------------------------------------------------------------------------- orbax
 def _options(write: bool) -> ocp.CheckpointManagerOptions:
     return ocp.CheckpointManagerOptions(
@@ -218,9 +224,9 @@ def save(path: str | Path, tree: Any, meta: dict[str, Any], *, step: int) -> Pat
     deleted once this one is complete. Collective: every process of a multi-host run calls it."""
     path = Path(path)
     flat = {k: jax.random.key_data(v) if _is_key(v) else v for k, v in flatten(tree).items()}
-    integrity = {"format": FORMAT, "version": VERSION,
-                 "sha256": {k: _sha256(_host(v)) for k, v in flat.items()}}
     meta = json.loads(json.dumps(meta, default=str))  # tuples as lists, as load returns them
+    integrity = {"format": FORMAT, "version": VERSION,
+                 "sha256": {k: _sha256(_host(v)) for k, v in flat.items()}, "meta_sha256": _meta_sha256(meta)}
     with _manager(path, write=True) as mngr:
         for old in mngr.all_steps():
             if old >= step:  # a new run over an older run's checkpoints
@@ -237,8 +243,10 @@ def read_meta(path: str | Path, step: int | None = None) -> tuple[int, dict[str,
     return step, meta
 
 
-def _read_json(path: Path, step: int | None) -> tuple[int, dict[str, Any], dict[str, Any], Any]:
-    """(step, meta, integrity, stored array metadata) of a checkpoint, checked for its format."""
+def _read_json(path: Path, step: int | None) -> tuple[int, dict[str, Any], dict[str, Any],
+                                                      dict[str, jax.ShapeDtypeStruct]]:
+    """(step, meta, integrity, the stored arrays' shapes and dtypes by name) of a checkpoint,
+    checked for its format and the meta for its SHA-256 (when the integrity record has one)."""
     found = steps(path)
     if not found:
         what = ("no finished checkpoint" if path.is_dir() else "not a checkpoint directory"
@@ -252,12 +260,15 @@ def _read_json(path: Path, step: int | None) -> tuple[int, dict[str, Any], dict[
         if not (where / item).is_dir():
             raise CheckpointError(f"{where} is incomplete or not a flaxnets JAX checkpoint (no {item}/)")
 
-    def read() -> tuple[Any, Any, Any]:
+    def read() -> tuple[Any, Any, dict[str, jax.ShapeDtypeStruct] | None]:
         with _manager(path, write=False) as mngr:
             got = mngr.restore(step, args=ocp.args.Composite(
                 meta=ocp.args.JsonRestore(), integrity=ocp.args.JsonRestore()))
             stored = mngr.item_metadata(step)["state"]
-        return got["meta"], got["integrity"], None if stored is None else dict(stored)
+        # plain shapes and dtypes here, so that metadata of the wrong kind is a CheckpointError too
+        shapes = None if stored is None else {k: jax.ShapeDtypeStruct(tuple(v.shape), np.dtype(v.dtype))
+                                              for k, v in flatten(dict(stored)).items()}
+        return got["meta"], got["integrity"], shapes
 
     meta, integrity, stored = _read(where, read)
     if not isinstance(integrity, dict) or integrity.get("format") != FORMAT:
@@ -265,12 +276,14 @@ def _read_json(path: Path, step: int | None) -> tuple[int, dict[str, Any], dict[
     if integrity.get("version") != VERSION:
         raise CheckpointError(f"{where} has checkpoint format version {integrity.get('version')}; "
                               f"this flaxnets reads version {VERSION}")
-    if not isinstance(meta, dict) or stored is None:
-        raise CheckpointError(f"{where} is corrupt or truncated (no meta or no array metadata)")
+    if not isinstance(meta, dict) or stored is None or not isinstance(integrity.get("sha256"), dict):
+        raise CheckpointError(f"{where} is corrupt or truncated (no meta, array metadata or checksums)")
+    if integrity.get("meta_sha256", _meta_sha256(meta)) != _meta_sha256(meta):
+        raise CheckpointError(f"{where} is corrupt or truncated (meta: checksum mismatch)")
     return step, meta, integrity, stored
 
 
-def _check_fit(where: Path, stored: dict[str, Any], want: dict[str, Any]) -> None:
+def _check_fit(where: Path, stored: dict[str, jax.ShapeDtypeStruct], want: dict[str, Any]) -> None:
     """One CheckpointError listing every missing, unexpected and mis-shaped array."""
     missing = [k for k in want if k not in stored]
     unexpected = [k for k in stored if k not in want]
@@ -294,33 +307,39 @@ def load(path: str | Path, template: Any = None, step: int | None = None
     ``template``, a nested dict like the one saved (arrays or ``jax.ShapeDtypeStruct`` with a
     sharding; PRNG key arrays for keys), gives the arrays' shapes, dtypes and placement: every
     name must be there with its shape and no other (else a CheckpointError listing them). With
-    no template the arrays come back as numpy, keys as their key data. Every array is checked
-    against its SHA-256.
+    no template the arrays come back as numpy, keys as their key data. Every array saved must
+    come back and match its SHA-256, and the meta its own.
     """
     path = Path(path)
     step, meta, integrity, stored = _read_json(path, step)
     where = path / str(step)
-    stored_flat = flatten(stored)
-    if template is None:  # numpy leaves make orbax restore numpy arrays
-        abstract: dict[str, Any] = {k: np.zeros(v.shape, v.dtype) for k, v in stored_flat.items()}
-        keys: dict[str, Any] = {}
-    else:
+    keys: dict[str, Any] = {}
+    abstract: dict[str, jax.ShapeDtypeStruct] | None = None
+    if template is not None:
         tflat = flatten(template)
         keys = {k: v for k, v in tflat.items() if _is_key(v)}
         abstract = {k: jax.ShapeDtypeStruct(
             jax.eval_shape(jax.random.key_data, v).shape if k in keys else v.shape,
             np.uint32 if k in keys else v.dtype, sharding=getattr(v, "sharding", None))
             for k, v in tflat.items()}
-        _check_fit(where, stored_flat, abstract)
+        _check_fit(where, stored, abstract)
 
     def read() -> Any:
+        # with no template, numpy leaves make orbax restore numpy arrays; built here, where a
+        # shape the metadata declares but no memory holds is a CheckpointError like any damage
+        item = abstract if abstract is not None else {
+            k: np.zeros(v.shape, v.dtype) for k, v in stored.items()}
         with _manager(path, write=False) as mngr:
             return mngr.restore(step, args=ocp.args.Composite(
-                state=ocp.args.StandardRestore(_nest(abstract))))["state"]
+                state=ocp.args.StandardRestore(_nest(item))))["state"]
 
     state = _read(where, read)
     flat = flatten(state)
-    sums = integrity.get("sha256", {})
+    sums = integrity["sha256"]
+    if set(flat) != set(sums):
+        lost = sorted(set(flat) ^ set(sums))
+        raise CheckpointError(f"{where} is corrupt or truncated ({len(lost)} arrays not both stored and "
+                              f"checksummed, e.g. {lost[0]})")
     for k, v in flat.items():
         if sums.get(k) != _sha256(_host(v)):
             raise CheckpointError(f"{where} is corrupt or truncated ({k}: checksum mismatch)")

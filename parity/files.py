@@ -5,10 +5,12 @@ Formats: PyTorch pickles (``.pt``/``.pth``/``.th``/``.bin``, zip or legacy pre-1
 weights from them through ``parity.convert`` (``torch_to_flax``, ``load_state_dict``).
 ``read_weights`` takes a file as found (wrappers such as ``{"state_dict": ..., "epoch": ...}``,
 ``module.``/``_orig_mod.`` prefixes, CUDA-saved tensors, torchvision's old ``norm.1`` keys) and
-returns a torch-layout ``state_dict`` of numpy arrays plus notes on what it unwrapped, stripped
-or ignored. ``write_weights`` writes either format atomically and never over an existing file
-unless told to. ``convert_file`` is ``scripts/convert.py``: read, convert strictly, compare both
-frameworks' logits, write.
+returns a torch-layout ``state_dict`` of numpy arrays, each in the dtype the nets store it in,
+plus notes on what it unwrapped, stripped, cast or ignored. A damaged file is a WeightsFileError,
+never a partial or silently different read where the format can tell (zip records carry CRC-32s;
+legacy pickles and safetensors carry no checksum of their data). ``write_weights`` writes either
+format atomically and never over an existing file unless told to. ``convert_file`` is
+``scripts/convert.py``: read, convert strictly, compare both frameworks' logits, write.
 """
 
 from __future__ import annotations
@@ -18,7 +20,8 @@ import os
 import pickle
 import re
 import warnings
-from collections import OrderedDict
+import zipfile
+from collections import Counter, OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,6 +47,11 @@ SUPPORTED = f"PyTorch ({', '.join(TORCH_SUFFIXES)}) or safetensors ({SAFETENSORS
 WRAPPER_KEYS = ("state_dict", "model_state_dict", "model", "net")
 # Key prefixes added by DataParallel/DDP and by torch.compile; stripped when every key has one.
 STRIP_PREFIXES = ("module.", "_orig_mod.")
+# The dtypes every net stores in torch layout: BatchNorm's counter as torch keeps it, all else
+# float32; a file's tensors of other dtypes are cast on reading, and a note says so.
+COUNTER_SUFFIX, COUNTER_DTYPE, PARAM_DTYPE = ".num_batches_tracked", "int64", "float32"
+WHY_DTYPE = {PARAM_DTYPE: f"the net's parameters are {PARAM_DTYPE}",
+             COUNTER_DTYPE: f"num_batches_tracked is {COUNTER_DTYPE}"}
 
 
 class WeightsFileError(ValueError):
@@ -102,9 +110,10 @@ def sha256_file(path: str | os.PathLike) -> str:
 
 
 def infer_num_classes(net: str, state_dict: Mapping[str, Any]) -> int | None:
-    """Rows of the net's classifier weight (``spec.head``), or None if the state_dict has none."""
+    """Rows of the net's classifier weight (``spec.head``), or None if the state_dict has none
+    (or it is 0-d: the strict conversion reports its shape)."""
     head = state_dict.get(f"{flaxnets.get_spec(net).head}.weight")
-    return None if head is None else int(head.shape[0])
+    return None if head is None or not np.shape(head) else int(np.shape(head)[0])
 
 
 def same_state_dict(a: Mapping[str, np.ndarray], b: Mapping[str, np.ndarray]) -> bool:
@@ -123,6 +132,9 @@ def _unwrap(obj: Any, path: Path, notes: list[str]) -> Mapping[str, Any]:
             raise WeightsFileError(f"{path} holds a {type(obj).__name__}"
                                    f"{' (empty)' if isinstance(obj, Mapping) else ''}, not a state_dict")
         if all(isinstance(v, torch.Tensor) for v in obj.values()):
+            odd = next((k for k in obj if not isinstance(k, str)), None)
+            if odd is not None:
+                raise WeightsFileError(f"{path}: the state_dict has a {type(odd).__name__} key, not a name")
             return obj
         key = next((k for k in WRAPPER_KEYS if isinstance(obj.get(k), Mapping)), None)
         if key is None:
@@ -180,56 +192,130 @@ def _unsafe_reason(message: str) -> str:
     return found.group(0).lower() if found else "it holds objects other than tensors and plain containers"
 
 
-def read_torch_state_dict(path: str | os.PathLike) -> tuple[OrderedDict[str, np.ndarray], list[str]]:
-    """A PyTorch pickle's state_dict as numpy arrays, plus notes, loaded without running code.
+def _stored(tensors: Mapping[str, Any], path: Path, notes: list[str]) -> OrderedDict[str, np.ndarray]:
+    """A file's torch tensors as numpy arrays in the dtypes the nets store (``PARAM_DTYPE``,
+    ``COUNTER_DTYPE``), with one note counting the casts that took."""
+    import torch
 
-    ``torch.load(weights_only=True)`` onto the CPU (zip or legacy format, CUDA-saved or not);
-    a pickle that needs arbitrary objects is refused with WeightsFileError, never executed.
+    casts: Counter[tuple[str, str]] = Counter()
+    out: OrderedDict[str, np.ndarray] = OrderedDict()
+    for key, t in tensors.items():
+        want = COUNTER_DTYPE if key.endswith(COUNTER_SUFFIX) else PARAM_DTYPE
+        have = str(t.dtype).removeprefix("torch.")
+        try:
+            if have != want:
+                casts[have, want] += 1
+                t = t.to(getattr(torch, want))
+            out[key] = to_numpy(t)
+        except (TypeError, RuntimeError) as e:  # sparse, quantized, meta, ... tensors
+            raise WeightsFileError(f"{path}: {key} ({have}, {t.layout}) is not a plain tensor: "
+                                   f"{_first_line(e)}") from e
+    parts, why = [], []
+    for want, reason in WHY_DTYPE.items():
+        found = [(have, n) for (have, w), n in sorted(casts.items()) if w == want]
+        if found:
+            counts = [f"{n} {have}" for have, n in found]
+            counts[-2:] = [" and ".join(counts[-2:])]
+            many = sum(n for _, n in found) > 1
+            parts.append(f"{', '.join(counts)} tensor{'s' * many} to {want}")
+            why.append(reason)
+    if parts:
+        notes.append(f"cast {'; '.join(parts)} ({'; '.join(why)})")
+    return out
+
+
+def _first_line(e: BaseException) -> str:
+    """An exception's message in one line (its type if it has none)."""
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+def _check_zip_records(path: Path, notes: list[str]) -> None:
+    """Every record of a torch zip file read against the zip directory: named once, a file (not
+    a folder), of the size it says, matching its CRC-32. torch.load checks none of these, and a
+    flipped bit in a tensor's bytes would load as a wrong weight. A file saved with
+    ``torch.serialization.set_crc32_options(False)`` (every CRC 0) is read unchecked, and noted."""
+    with zipfile.ZipFile(path) as z:
+        infos = z.infolist()
+        twice = [name for name, n in Counter(i.filename for i in infos).items() if n > 1]
+        if twice:
+            raise WeightsFileError(f"{path} is damaged: the zip directory names {twice[0]} twice")
+        if all(i.CRC == 0 for i in infos):
+            notes.append("the file has no CRC-32s (torch.serialization.set_crc32_options(False)); "
+                         "its bytes are read unchecked")
+            return
+        for info in infos:
+            if info.external_attr & 0x10:  # torch's zip reader (miniz) then reads nothing into the tensor
+                raise WeightsFileError(f"{path} is damaged: the zip directory marks {info.filename} "
+                                       f"as a folder")
+            with z.open(info) as f:  # raises BadZipFile on a CRC mismatch
+                size = sum(len(chunk) for chunk in iter(lambda: f.read(1 << 20), b""))
+            if size != info.file_size:
+                raise WeightsFileError(f"{path} is damaged: record {info.filename} holds {size} bytes, "
+                                       f"the zip directory says {info.file_size}")
+
+
+def read_torch_state_dict(path: str | os.PathLike) -> tuple[OrderedDict[str, np.ndarray], list[str]]:
+    """A PyTorch pickle's state_dict as numpy arrays (``_stored``), plus notes, loaded without
+    running code.
+
+    ``torch.load(weights_only=True)`` onto the CPU (zip or legacy format, CUDA-saved or not),
+    a zip file's records checked first (``_check_zip_records``); a pickle that needs arbitrary
+    objects is refused with WeightsFileError, never executed.
     """
     import torch
 
     path, notes, locations = Path(path), [], set()
 
     def to_cpu(storage: Any, location: str) -> Any:  # records where the tensors were saved
+        if not isinstance(location, str):
+            raise WeightsFileError(f"{path} is damaged: a storage's device is a {type(location).__name__}")
         locations.add(location)
         return storage
 
     try:
+        with open(path, "rb") as f:
+            head = f.read(4)
+        if head == b"PK\x03\x04":  # the zip format (torch.load's own test); else legacy
+            _check_zip_records(path, notes)
         with warnings.catch_warnings():  # torch warns about legacy pickle protocols
             warnings.simplefilter("ignore")
             obj = torch.load(path, map_location=to_cpu, weights_only=True)
+    except WeightsFileError:
+        raise
     except pickle.UnpicklingError as e:
         raise WeightsFileError(f"{path} refused: loading it would need arbitrary unpickling "
                                f"({_unsafe_reason(str(e))}); only tensors and plain containers are "
                                f"loaded (weights_only=True). If you trust the file, re-save its "
                                f"state_dict with torch.save(model.state_dict(), ...)") from None
-    except (RuntimeError, EOFError, OSError, ValueError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise WeightsFileError(f"{path} cannot be read as a PyTorch file: {first}") from None
-    with open(path, "rb") as f:
-        if f.read(2) == b"\x80\x02":
-            notes.append("legacy (pre-1.6, non-zip) torch format")
+    except Exception as e:
+        # The format boundary. zipfile and torch's reader and weights-only unpickler raise what
+        # their parsing hits on damaged bytes (BadZipFile, RuntimeError, EOFError, IndexError,
+        # KeyError, TypeError, struct.error, AssertionError, ...): all of it is an unreadable file.
+        raise WeightsFileError(f"{path} cannot be read as a PyTorch file: {_first_line(e)}") from e
+    if head[:2] == b"\x80\x02":
+        notes.append("legacy (pre-1.6, non-zip) torch format")
     on_gpu = sorted(loc for loc in locations if loc != "cpu")
     if on_gpu:
         notes.append(f"tensors saved on {', '.join(on_gpu)}, loaded onto the CPU")
-    sd = _strip_prefixes(_unwrap(obj, path, notes), notes)
-    return OrderedDict((k, to_numpy(v)) for k, v in sd.items()), notes
+    sd = _stored(_strip_prefixes(_unwrap(obj, path, notes), notes), path, notes)
+    return sd, notes
 
 
 def _read_safetensors(path: Path) -> tuple[OrderedDict[str, np.ndarray], dict[str, str], list[str]]:
-    """Tensors (through torch, so bf16/fp16 files read too), the header metadata, notes."""
+    """Tensors (through torch, so bf16/fp16 files read too; ``_stored``), the header metadata, notes."""
     from safetensors import SafetensorError, safe_open
 
     notes: list[str] = []
     try:
         with safe_open(str(path), framework="pt") as f:
             meta = dict(f.metadata() or {})
-            sd = OrderedDict((k, to_numpy(f.get_tensor(k))) for k in f.keys())
+            tensors = OrderedDict((k, f.get_tensor(k)) for k in f.keys())
     except (SafetensorError, OSError) as e:
         raise WeightsFileError(f"{path} cannot be read as safetensors: {e}") from None
-    if not sd:
+    if not tensors:
         raise WeightsFileError(f"{path} holds no tensors")
-    return _strip_prefixes(sd, notes), meta, notes
+    return _stored(_strip_prefixes(tensors, notes), path, notes), meta, notes
 
 
 def read_weights(path: str | os.PathLike, net: str, num_classes: int | None = None) -> Weights:

@@ -117,6 +117,23 @@ def test_check_reports_a_broken_conversion(monkeypatch):
     assert any("eval logits" in f for f in res.failures)
 
 
+def test_train_logits_prove_the_conversion_in_float64_and_float32_accuracy_apart(monkeypatch):
+    """The conversion is proved on the float64 train-mode logits; a float32-only error (here 1e-4
+    relative on every float32 forward) fails the float32 accuracy check and not that proof."""
+    import parity.check as check
+
+    res = check.check_net("net_batchnorm")
+    assert res.ok, res.failures
+    assert res.train_logits_delta < 1e-12  # float64: rounding is gone, the conversion is exact
+    assert 0 < res.train_f32_error <= max(check.LOGIT_RTOL, check.F32_ERROR_RATIO * res.torch_f32_error)
+
+    real = check.flax_logits
+    monkeypatch.setattr(check, "flax_logits", lambda *a: real(*a) * np.float32(1 + 1e-4))
+    res = check.check_net("net_batchnorm")
+    assert any(f.startswith("train logits in float32 are") for f in res.failures), res.failures
+    assert not any("(f64)" in f for f in res.failures)
+
+
 def test_parity_cli_prints_a_row_and_exit_status(capsys):
     from scripts.parity import main
 

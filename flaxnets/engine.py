@@ -54,10 +54,18 @@ def train_step(graphdef: nnx.GraphDef, state: tuple[nnx.State, nnx.State], opt_s
                tx: optax.GradientTransformation, recipe: Recipe) -> tuple[Any, Any, jax.Array]:
     """One optimiser step on the examples ``mask`` keeps (a padded partial batch keeps fewer);
     returns (state, opt_state, [summed CE loss, correct count])."""
+    return update_step(graphdef, state, opt_state, preprocess(x_uint8, recipe, rng), y, mask,
+                       tx=tx, recipe=recipe)
+
+
+def update_step(graphdef: nnx.GraphDef, state: tuple[nnx.State, nnx.State], opt_state: Any,
+                x: jax.Array, y: jax.Array, mask: jax.Array, *,
+                tx: optax.GradientTransformation, recipe: Recipe) -> tuple[Any, Any, jax.Array]:
+    """``train_step`` on a model-ready batch ``x`` (preprocessed and augmented; any float dtype,
+    so the training parity check runs it in float64)."""
     params, rest = state
-    m = mask.astype(jnp.float32)
+    m = mask.astype(x.dtype)
     count = jnp.sum(m)
-    x = preprocess(x_uint8, recipe, rng)
 
     def loss_fn(p: nnx.State, rest: nnx.State) -> tuple[jax.Array, tuple[jax.Array, jax.Array, nnx.State]]:
         # copy=True: fresh Variables at this (grad) trace level, so BatchNorm may update them

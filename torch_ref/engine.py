@@ -47,6 +47,30 @@ def random_crop_flip(x: torch.Tensor, gen: torch.Generator, pad: int = 4) -> tor
     return torch.where(flip[:, None, None, None], x.flip(3), x)
 
 
+def make_optimizer(recipe: Recipe, params: Any) -> torch.optim.Optimizer:
+    """The recipe's torch optimiser over ``params`` at the recipe's base learning rate."""
+    if recipe.optimizer == "adam":
+        return torch.optim.Adam(params, lr=recipe.lr)
+    if recipe.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=recipe.lr, momentum=recipe.momentum,
+                               weight_decay=recipe.weight_decay)
+    raise ValueError(f"unknown optimizer {recipe.optimizer!r}")
+
+
+def train_step(model: torch.nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,
+               recipe: Recipe) -> tuple[torch.Tensor, torch.Tensor]:
+    """One optimiser step of ``model`` (train mode) on a model-ready batch; (mean CE loss, logits)."""
+    logits = model(x)
+    ce = F.cross_entropy(logits, y)
+    loss = ce
+    if recipe.l2:  # the material's net_batchnorm: loss + l2 * sum of squares of all parameters
+        loss = loss + recipe.l2 * sum(p.pow(2.0).sum() for p in model.parameters())
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    return ce.detach(), logits.detach()
+
+
 class TorchEngine:
     """Training state of one torch_ref net; implements ``flaxnets.fit.Engine``."""
 
@@ -64,13 +88,7 @@ class TorchEngine:
         self.lr_at = lr_schedule(recipe, self.steps)
         torch.manual_seed(seed)
         self.model = torch_ref.create(name, num_classes=num_classes).to(memory_format=self.memory_format)
-        if recipe.optimizer == "adam":
-            self.opt = torch.optim.Adam(self.model.parameters(), lr=recipe.lr)
-        elif recipe.optimizer == "sgd":
-            self.opt = torch.optim.SGD(self.model.parameters(), lr=recipe.lr, momentum=recipe.momentum,
-                                       weight_decay=recipe.weight_decay)
-        else:
-            raise ValueError(f"unknown optimizer {recipe.optimizer!r}")
+        self.opt = make_optimizer(recipe, self.model.parameters())
         self.x_train = torch.from_numpy(np.ascontiguousarray(splits.x_train))
         self.y_train = torch.from_numpy(splits.y_train.astype(np.int64))
         self.evals = {k: (torch.from_numpy(np.ascontiguousarray(x)), torch.from_numpy(y.astype(np.int64)))
@@ -101,14 +119,7 @@ class TorchEngine:
         for i in range(self.steps):
             idx = perm[i * bs:(i + 1) * bs]
             x, y = self._prep(self.x_train[idx], gen), self.y_train[idx]
-            logits = self.model(x)
-            ce = F.cross_entropy(logits, y)
-            loss = ce
-            if r.l2:  # the material's net_batchnorm: loss + l2 * sum of squares of all parameters
-                loss = loss + r.l2 * sum(p.pow(2.0).sum() for p in self.model.parameters())
-            self.opt.zero_grad(set_to_none=True)
-            loss.backward()
-            self.opt.step()
+            ce, logits = train_step(self.model, self.opt, x, y, r)
             sums[i] = (ce.item() * len(y), (logits.argmax(1) == y).sum().item())
             if progress:
                 progress(epoch, i + 1, self.steps)

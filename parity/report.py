@@ -22,12 +22,15 @@ def row(r: ParityResult) -> str:
 
 
 def details(r: ParityResult) -> list[str]:
-    """Lines explaining a failed row: each failure, and the first divergent layer if any."""
+    """Lines explaining a failed row: each failure, the first divergent layer if any, and the known
+    traps ``compare`` named as causes."""
     lines = [f"{r.name}: {f}" for f in r.failures]
     if r.divergence is not None:
         d = r.divergence
-        lines.append(f"{r.name}: first divergent layer {d.path} ({d.kind}, output {tuple(d.shape)}): "
+        mode = f" ({r.compare.divergence_mode})" if r.compare is not None and r.compare.divergence_mode else ""
+        lines.append(f"{r.name}: first divergent layer{mode} {d.path} ({d.kind}, output {tuple(d.shape)}): "
                      f"Δ {d.delta:.2e} > {LOGIT_RTOL:.0e}")
+    lines += [f"{r.name}: why: {t}" for t in (r.compare.traps if r.compare is not None else [])]
     return lines
 
 

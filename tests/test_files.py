@@ -361,12 +361,12 @@ def test_a_failure_during_the_write_leaves_no_partial_output(suffix, sd20, tmp_p
 
 
 def test_logits_beyond_the_tolerance_are_an_error_and_nothing_is_written(sd20, tmp_path, capsys, monkeypatch):
-    import parity.check
+    import parity.comparison as comparison  # where convert_file's eval-logit comparison runs
 
     src = tmp_path / "m.pt"
     torch.save(sd20, src)
-    real = parity.check.flax_logits
-    monkeypatch.setattr(parity.check, "flax_logits", lambda model, x, jit=False: real(model, x, jit) + 1e-3)
+    real = comparison.flax_logits
+    monkeypatch.setattr(comparison, "flax_logits", lambda model, x, jit=False: real(model, x, jit) + 1e-3)
     code, out, err = convert(capsys, "--net", NET, src, tmp_path / "out.safetensors")
     assert_one_line_error(code, out, err, "logits differ by 1.00e-03 > tolerance")
     assert not (tmp_path / "out.safetensors").exists()

@@ -125,10 +125,15 @@ def test_train_logits_prove_the_conversion_in_float64_and_float32_accuracy_apart
     res = check.check_net("net_batchnorm")
     assert res.ok, res.failures
     assert res.train_logits_delta < 1e-12  # float64: rounding is gone, the conversion is exact
+    # the numbers are parity.compare's, which check_net runs (its table is the same measurement)
+    assert res.compare is not None and res.compare.ok and res.grads_delta == res.compare.grads_delta
+    assert set(res.compare.bn_stats) >= {"conv1_batchnorm.running_var", "conv1_batchnorm.num_batches_tracked"}
     assert 0 < res.train_f32_error <= max(check.LOGIT_RTOL, check.F32_ERROR_RATIO * res.torch_f32_error)
 
-    real = check.flax_logits
-    monkeypatch.setattr(check, "flax_logits", lambda *a: real(*a) * np.float32(1 + 1e-4))
+    import parity.comparison as comparison  # where check_net's comparison runs its Flax forwards
+
+    real = comparison.flax_logits
+    monkeypatch.setattr(comparison, "flax_logits", lambda *a: real(*a) * np.float32(1 + 1e-4))
     res = check.check_net("net_batchnorm")
     assert any(f.startswith("train logits in float32 are") for f in res.failures), res.failures
     assert not any("(f64)" in f for f in res.failures)

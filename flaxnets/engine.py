@@ -23,7 +23,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 import flaxnets
 from flaxnets import checkpoint
-from flaxnets.fit import NAN_CHECK_EVERY, NonFiniteLossError, Splits, epoch_batches, first_non_finite, lr_schedule
+from flaxnets.fit import (NAN_CHECK_EVERY, NonFiniteLossError, Splits, epoch_batches, epoch_permutation,
+                          first_non_finite, lr_schedule)
 from flaxnets.recipes import IMAGENET_MEAN, IMAGENET_STD, Recipe
 from flaxnets.xla_cpu import compile_options
 
@@ -161,10 +162,39 @@ def _pad_to(x: np.ndarray, y: np.ndarray, multiple: int) -> tuple[np.ndarray, np
     return xp, yp, mask
 
 
+def state_template(model: nnx.Module, recipe: Recipe, steps_per_epoch: int) -> Any:
+    """A training-state snapshot ((params, rest), opt_state) of ``model`` with the recipe's
+    freshly initialised optimiser, unplaced: the shapes, dtypes and names a checkpoint holds."""
+    _, params, rest = nnx.split(model, nnx.Param, ...)
+    return (params, rest), make_optimizer(recipe, steps_per_epoch)[0].init(params)
+
+
+def state_as_dict(snapshot: Any) -> dict[str, Any]:
+    """The checkpoint's layout of a snapshot: {'model': the model's nested dict of params and
+    other state (``nnx.to_pure_dict``'s names), 'opt': the optimiser state's}."""
+    (params, rest), opt_state = snapshot
+    return {"model": checkpoint.as_dict(params, rest), "opt": checkpoint.as_dict(opt_state)}
+
+
+def load_train_state(path: Path, name: str, num_classes: int, template: Any) -> tuple[Any, dict[str, Any]]:
+    """(snapshot, meta) of the JAX training checkpoint ``path`` of net ``name``, shaped and placed
+    as ``template`` (``state_template``, placed or not); refuses another net or class count."""
+    step, meta = checkpoint.read_meta(path)
+    if meta.get("net") != name or meta.get("num_classes") != num_classes:
+        raise checkpoint.CheckpointError(
+            f"{path} is a checkpoint of {meta.get('net')!r} with {meta.get('num_classes')} "
+            f"classes, not {name!r} with {num_classes}")
+    tree, meta = checkpoint.load(path, state_as_dict(template), step=step)
+    (params, rest), opt_state = template
+    return ((checkpoint.from_dict(params, tree["model"]), checkpoint.from_dict(rest, tree["model"])),
+            checkpoint.from_dict(opt_state, tree["opt"])), meta
+
+
 class JaxEngine:
     """Training state and compiled steps of one net in JAX; ``fit`` drives it epoch by epoch.
 
-    The dataset sits on the device(s) as uint8; per epoch one permutation is drawn from
+    The dataset sits on the device(s) as uint8; an epoch's order is ``epoch_permutation(seed,
+    epoch)`` (drawn on the host, the torch engine's too) and its augmentation is drawn from
     ``fold_in(key(seed), epoch)``, so an epoch's result depends only on the state at its start
     (which is what makes resuming from an epoch checkpoint bit-exact).
     """
@@ -214,27 +244,30 @@ class JaxEngine:
             sums, pred = eval_step(gd_eval, state, *sl, recipe=recipe)
             return sums, jax.lax.with_sharding_constraint(pred, repl)  # gathered: every host reads it
 
-        def permutation(key):
-            perm = jax.random.permutation(key, n_train).astype(jnp.int32)
-            return jnp.pad(perm, (0, max(0, steps * bs - n_train)))
-
         t0 = time.perf_counter()
         self.key = key = jax.random.key(seed)
+        self._repl = repl
         i0 = np.int32(0)
         options = compile_options(name, jax.default_backend())
-        self.perm_fn = jax.jit(permutation).lower(key).compile()
         self.train_fn = (jax.jit(train_batch, donate_argnums=(0, 1))
                          .lower(self.state, self.opt_state, self.x_dev, self.y_dev,
-                                self.perm_fn(key), i0, key).compile(options))
+                                self.permutation(0), i0, key).compile(options))
         self.eval_fns = {k: jax.jit(eval_batch).lower(self.state, *arrays, i0).compile(options)
                          for k, (arrays, _) in self.evals.items()}  # one per split length
         self.compile_seconds = time.perf_counter() - t0
 
+    def permutation(self, epoch: int) -> jax.Array:
+        """Epoch ``epoch``'s example order as the step takes it: int32 on the devices, padded
+        with zeros to whole batches (the step's mask drops the padding)."""
+        perm = epoch_permutation(self.seed, epoch, self.n_train).astype(np.int32)
+        return replicate(np.pad(perm, (0, max(0, self.steps * self.recipe.batch_size - self.n_train))),
+                         self._repl)
+
     def train_epoch(self, epoch: int, progress: Callable[[int, int, int], None] | None = None
                     ) -> np.ndarray:
         """Run one epoch; returns per-step [summed CE loss, correct count], shape (steps, 2)."""
-        k_perm, k_aug = jax.random.split(jax.random.fold_in(self.key, epoch))
-        perm = self.perm_fn(k_perm)
+        k_aug = jax.random.split(jax.random.fold_in(self.key, epoch))[1]  # [0] drew the order once
+        perm = self.permutation(epoch)
         state, opt_state = self.state, self.opt_state
         # A Python loop of jitted steps, not lax.scan over the epoch. Measured on the 2-core CPU
         # (jax 0.10.2, 20 steps, same step function): LeNet batch 256, a scanned
@@ -286,7 +319,7 @@ class JaxEngine:
         """Write ``snapshot`` and ``meta`` as step ``meta['epoch']`` of the orbax checkpoint
         directory ``path`` (``flaxnets.checkpoint``). Collective: every process calls it."""
         meta = dict(meta, net=self.name, num_classes=self.num_classes)
-        return checkpoint.save(path, self._as_dict(snapshot), meta, step=int(meta.get("epoch", 0)))
+        return checkpoint.save(path, state_as_dict(snapshot), meta, step=int(meta.get("epoch", 0)))
 
     @staticmethod
     def has_state(path: Path) -> bool:
@@ -296,31 +329,17 @@ class JaxEngine:
     def load_state(self, path: Path) -> tuple[Any, dict[str, Any]]:
         """(snapshot, meta) from a checkpoint written by ``save_state`` for this net, placed on
         the devices as the engine's state (every process calls it)."""
-        step, meta = checkpoint.read_meta(path)
-        if meta.get("net") != self.name or meta.get("num_classes") != self.num_classes:
-            raise checkpoint.CheckpointError(
-                f"{path} is a checkpoint of {meta.get('net')!r} with {meta.get('num_classes')} "
-                f"classes, not {self.name!r} with {self.num_classes}")
-        template = self._template()
-        tree, meta = checkpoint.load(path, self._as_dict(template), step=step)
-        (params, rest), opt_state = template
-        return ((checkpoint.from_dict(params, tree["model"]), checkpoint.from_dict(rest, tree["model"])),
-                checkpoint.from_dict(opt_state, tree["opt"])), meta
-
-    @staticmethod
-    def _as_dict(snapshot: Any) -> dict[str, Any]:
-        """The checkpoint's layout of a snapshot: {'model': the model's nested dict of params and
-        other state (``nnx.to_pure_dict``'s names), 'opt': the optimiser state's}."""
-        (params, rest), opt_state = snapshot
-        return {"model": checkpoint.as_dict(params, rest), "opt": checkpoint.as_dict(opt_state)}
+        return load_train_state(path, self.name, self.num_classes, self._template())
 
     def _template(self) -> Any:
         """A snapshot shaped and placed as the engine's state (that state while it exists)."""
         if self.state is not None and self.opt_state is not None:
             return self.state, self.opt_state
-        _, params, rest = nnx.split(self.model, nnx.Param, ...)
-        opt_state = make_optimizer(self.recipe, self.steps)[0].init(params)
-        return replicate(((params, rest), opt_state), NamedSharding(data_mesh(), P()))
+        return self.place(state_template(self.model, self.recipe, self.steps))
+
+    def place(self, snapshot: Any) -> Any:
+        """A snapshot of host or single-device arrays placed as the engine's state (replicated)."""
+        return replicate(snapshot, NamedSharding(data_mesh(), P()))
 
     def _merge(self, params: nnx.State, rest: nnx.State) -> None:
         nnx.update(self.model, params, rest)

@@ -107,6 +107,21 @@ def epoch_batches(name: str, n_train: int, batch_size: int) -> tuple[int, int]:
     return -(-n_train // batch_size), n_train
 
 
+def epoch_permutation(seed: int, epoch: int, n: int) -> np.ndarray:
+    """The order in which epoch ``epoch`` of a run seeded ``seed`` visits its ``n`` training
+    examples (int64), the same in both engines.
+
+    Drawn with numpy from (seed, epoch) alone, so an epoch's batches depend on nothing before it
+    (resume is bit-exact) nor on the framework: a run resumed in the other framework trains the
+    very batches it would have. What still differs between the frameworks is their random
+    augmentation (crop and flip offsets) and dropout masks, drawn from each framework's own
+    generator: the ResNets (crop and flip) and ``net_dropout`` continue with other draws, the same
+    training in distribution but not in numbers; the nets with neither (LeNet, the dilated CNN,
+    the other cifar2 nets, the DenseNets) train the same numbers up to float rounding.
+    """
+    return np.random.default_rng((seed % 2**64, epoch)).permutation(n)
+
+
 def first_non_finite(losses: np.ndarray) -> int | None:
     """Index of the first NaN/Inf in ``losses``, or None."""
     bad = np.flatnonzero(~np.isfinite(losses))
@@ -117,13 +132,19 @@ class Engine(Protocol):
     """What ``fit`` drives: one net's training state and steps in one framework.
 
     ``flaxnets.engine.JaxEngine`` and ``torch_ref.engine.TorchEngine`` implement it. An epoch
-    draws its permutation and augmentation from (seed, epoch) only, so resuming from an epoch's
-    checkpoint is bit-exact. ``fit`` calls ``save_state``, ``load_state`` and ``has_state`` on
-    every process of a multi-host run (a JAX save is collective: orbax writes each array once);
+    takes its permutation (``epoch_permutation``) and augmentation from (seed, epoch) only, so
+    resuming from an epoch's checkpoint is bit-exact. ``fit`` calls ``save_state``,
+    ``load_state`` and ``has_state`` on every process of a multi-host run (a JAX save is
+    collective: orbax writes each array once);
     ``writes_files`` tells the caller which process writes the run directory's other files.
     """
 
     backend: str
+    name: str
+    seed: int
+    num_classes: int
+    recipe: Recipe
+    model: Any  # nnx.Module (jax) or torch.nn.Module (torch)
     steps: int  # optimiser steps per epoch
     examples: int  # examples trained per epoch
     devices: int
@@ -196,11 +217,23 @@ def checkpoint_paths(run_dir: str | Path, backend: str) -> dict[str, Path]:
     return {"last": d / f"last{suffix}", "best": d / f"best{suffix}"}
 
 
+# import_state(engine, which): the (snapshot, meta) of checkpoint 'last' or 'best' for ``engine``
+# from somewhere other than its own checkpoints (``fit``'s import_state)
+StateImporter = Callable[[Engine, str], tuple[Any, dict[str, Any]]]
+
+
+def run_meta(name: str, backend: str, seed: int, num_classes: int, recipe: Recipe) -> dict[str, Any]:
+    """What every checkpoint's meta records of its run, and what a resume must match."""
+    return {"net": name, "backend": backend, "seed": seed, "num_classes": num_classes,
+            "recipe": dataclasses.asdict(recipe)}
+
+
 def fit(name: str, data: Dataset, recipe: Recipe | None = None, seed: int = 0,
         progress: Callable[[int, int, int], None] | None = None,
         on_epoch: Callable[[list[dict[str, Any]]], None] | None = None, *, backend: str = "jax",
         run_dir: str | Path | None = None, resume: bool = False,
-        on_start: Callable[[int], None] | None = None) -> FitResult:
+        on_start: Callable[[int], None] | None = None,
+        import_state: StateImporter | None = None) -> FitResult:
     """Train net ``name`` on ``data`` with ``recipe`` (its family's default if None).
 
     ``progress(epoch, step, steps)`` is called after each dispatched step, ``on_start(epoch)``
@@ -210,6 +243,11 @@ def fit(name: str, data: Dataset, recipe: Recipe | None = None, seed: int = 0,
     ``run_dir/checkpoints`` after every epoch, and ``resume`` continues from the last one: the
     final metrics equal the uninterrupted run's bit for bit on CPU (same seed, same data).
     A NaN/Inf loss raises NonFiniteLossError; the checkpoints keep the last good epoch.
+
+    ``import_state`` resumes from a state that is not this engine's own checkpoint (another
+    framework's, ``parity.train_state``): ``import_state(engine, 'last' | 'best')`` gives
+    (snapshot, meta), and the states are written as this engine's checkpoints before the first
+    epoch trains, so that from then on the run resumes as its own.
     """
     recipe = recipe or recipe_for(name)
     check_image_shape(name, data.image_shape)
@@ -218,32 +256,38 @@ def fit(name: str, data: Dataset, recipe: Recipe | None = None, seed: int = 0,
     validating = splits.x_val is not None
     eval_split = "val" if validating else "test"
     paths = checkpoint_paths(run_dir, backend) if run_dir is not None else None
-    meta_base = {"net": name, "backend": backend, "seed": seed, "num_classes": data.num_classes,
-                 "recipe": dataclasses.asdict(recipe)}
+    meta_base = run_meta(name, backend, seed, data.num_classes, recipe)
 
     metrics: list[dict[str, Any]] = []
     best_acc, best_epoch, best_state, start = -1.0, 0, None, 0
     if resume:
-        if paths is None or not engine.has_state(paths["last"]):
+        if paths is None or (import_state is None and not engine.has_state(paths["last"])):
             raise FileNotFoundError(f"nothing to resume: no checkpoint {paths and paths['last']}")
-        snapshot, meta = engine.load_state(paths["last"])
-        _check_resumable(meta, meta_base)
+        load = ((lambda which: engine.load_state(paths[which])) if import_state is None
+                else (lambda which: import_state(engine, which)))
+        snapshot, meta = load("last")
+        check_resumable(meta, meta_base, backend=import_state is None)
         if int(meta["epoch"]) > recipe.epochs:
             raise ValueError(f"cannot resume: the run has trained {meta['epoch']} epochs, more "
                              f"than the {recipe.epochs} asked for; ask for {meta['epoch']} or more")
-        engine.set_state(snapshot)
         metrics, start = list(meta["metrics"]), int(meta["epoch"])
         best_acc, best_epoch = float(meta["best_val_acc"]), int(meta["best_epoch"])
-        if validating and best_epoch == start:
+        if validating and best_epoch and best_epoch != start:
+            best_state, best_meta = load("best")
+            if best_meta.get("epoch") != best_epoch:
+                raise CheckpointError(f"the best checkpoint of {run_dir} holds epoch "
+                                      f"{best_meta.get('epoch')}, its last one names epoch {best_epoch}")
+        engine.set_state(snapshot)
+        meta = dict(meta, backend=backend)
+        if import_state is not None:  # from now on the run resumes from its own checkpoints
+            engine.save_state(snapshot, paths["last"], meta)
+            if best_state is not None:
+                engine.save_state(best_state, paths["best"], dict(best_meta, backend=backend))
+        if validating and best_epoch and best_epoch == start:
             # the last epoch was the best: its state is the one just loaded, written again as
             # 'best', which lacks it if the run stopped between that epoch's two saves
             best_state = snapshot
             engine.save_state(snapshot, paths["best"], meta)
-        elif validating and best_epoch:
-            best_state, best_meta = engine.load_state(paths["best"])
-            if best_meta.get("epoch") != best_epoch:
-                raise CheckpointError(f"{paths['best']} holds epoch {best_meta.get('epoch')}, "
-                                      f"{paths['last']} names epoch {best_epoch} as the best")
 
     if on_start:
         on_start(start)
@@ -292,9 +336,10 @@ def fit(name: str, data: Dataset, recipe: Recipe | None = None, seed: int = 0,
                      engine, info)
 
 
-def _check_resumable(meta: dict[str, Any], now: dict[str, Any]) -> None:
-    """Refuse to resume a checkpoint made with another net, backend, seed, classes or recipe."""
-    for k in ("net", "backend", "seed", "num_classes"):
+def check_resumable(meta: dict[str, Any], now: dict[str, Any], backend: bool = True) -> None:
+    """Refuse to resume a checkpoint made with another net, seed, classes or recipe (``now``:
+    ``run_meta``), or, unless ``backend`` is False (a state carried across), another backend."""
+    for k in ("net", "backend", "seed", "num_classes") if backend else ("net", "seed", "num_classes"):
         if meta.get(k) != now[k]:
             raise ValueError(f"cannot resume: the checkpoint has {k}={meta.get(k)!r}, this run {now[k]!r}")
     old = {k: v for k, v in meta["recipe"].items() if k != "epochs"}

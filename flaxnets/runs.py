@@ -72,11 +72,19 @@ def run_files(run_dir: Path) -> list[str]:
     return [n for n in RUN_FILES if (run_dir / n).exists()]
 
 
-def remove_run(run_dir: Path) -> None:
-    """Delete the files an earlier run wrote into ``run_dir`` (``--force``); others stay."""
-    for name in run_files(run_dir):
-        path = run_dir / name
-        shutil.rmtree(path) if path.is_dir() else path.unlink()
+def remove_run(run_dir: Path, keep: tuple[str, ...] = ()) -> None:
+    """Delete the files an earlier run wrote into ``run_dir`` (``--force``), but those named in
+    ``keep``; others stay."""
+    remove_paths([run_dir / name for name in run_files(run_dir) if name not in keep])
+
+
+def remove_paths(paths: list[Path]) -> None:
+    """Delete each of ``paths`` that exists, file or directory."""
+    for path in paths:
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
@@ -120,15 +128,17 @@ def write_json(path: str | Path, obj: dict[str, Any]) -> Path:
 
 
 def write_run(run_dir: str | Path, config: dict[str, Any], result: FitResult) -> Path:
-    """Write the run's results: config.json (with the final metrics), metrics.csv, curves.png,
-    confusion_matrix.png, per_class.csv and samples.png (the first 32 test images)."""
+    """Write the run's results: config.json (with the final metrics), metrics.csv and curves.png
+    (when an epoch was trained), confusion_matrix.png, per_class.csv and samples.png (the first
+    32 test images)."""
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     cfg = dict(config, test_loss=result.test_loss, test_acc=result.test_acc,
                compile_seconds=result.compile_seconds, class_names=result.class_names, **result.info)
     write_json(run_dir / "config.json", cfg)
-    write_metrics_csv(run_dir / "metrics.csv", result.metrics)
-    plots.plot_curves(result.metrics, run_dir / "curves.png", best_epoch=result.info.get("best_epoch"))
+    if result.metrics:  # none when a run started from another's state has trained no epoch yet
+        write_metrics_csv(run_dir / "metrics.csv", result.metrics)
+        plots.plot_curves(result.metrics, run_dir / "curves.png", best_epoch=result.info.get("best_epoch"))
     plots.plot_confusion(result.confusion, result.class_names, run_dir / "confusion_matrix.png",
                          title=f"test accuracy {result.test_acc:.4f}")
     metrics.write_per_class(result.confusion, result.class_names, run_dir / "per_class.csv")

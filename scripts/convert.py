@@ -5,6 +5,11 @@ python scripts/convert.py --net NAME IN OUT [--num-classes N] [--force]
 IN is read as found (wrappers, module./_orig_mod. prefixes, CUDA-saved, legacy format, old
 torchvision keys); the format of OUT follows its file name. After converting, both frameworks
 run on a fixed random batch and their eval logits must agree within the parity tolerance.
+
+This converts weights (and BatchNorm statistics). A run's whole training state (optimizer state,
+schedule, epochs, metrics) is carried by scripts/train.py: --resume RUN --backend jax|torch
+continues a run in the other framework, and --net NAME --resume-from-torch CKPT --out RUN a plain
+PyTorch checkpoint torch.save({'model': ..., 'optimizer': ..., 'epoch': e}) (docs/resume.md).
 """
 
 from __future__ import annotations
@@ -27,7 +32,8 @@ def _size(path: Path) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     """Parse arguments, convert, print what was done; 0 on success, 1 with one error on stderr."""
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0], epilog=__doc__.split("\n\n")[-1],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--net", required=True, help=f"the net the weights belong to ({', '.join(list_nets())})")
     p.add_argument("input", type=Path, metavar="IN",
                    help="weights file to read (.pt .pth .th .bin .safetensors)")

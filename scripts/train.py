@@ -81,7 +81,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, epilog=recipes_epilog(),
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--net", help=f"one of: {', '.join(list_nets())}")
-    p.add_argument("--backend", choices=["jax", "torch"], help="training framework (default jax)")
+    p.add_argument("--backend", choices=["jax", "torch"],
+                   help="training framework (default jax); with --resume, the framework the run "
+                        "continues in: weights, BatchNorm statistics, optimizer state and schedule "
+                        "carry over (docs/resume.md)")
     p.add_argument("--epochs", type=int, help="override the recipe's epoch count")
     p.add_argument("--batch-size", type=int, help="override the recipe's batch size")
     p.add_argument("--lr", type=float, help="override the recipe's learning rate")
@@ -97,11 +100,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         "process 0 writes the run directory")
     p.add_argument("--resume", metavar="RUN_DIR",
                    help="continue the run in RUN_DIR from its last checkpoint (--epochs may extend it)")
+    p.add_argument("--resume-from-torch", metavar="CKPT",
+                   help="start the run (--net, --out) where a plain PyTorch training script stopped: "
+                        "CKPT is torch.save({'model': model.state_dict(), 'optimizer': "
+                        "opt.state_dict(), 'epoch': EPOCHS_DONE}, CKPT) of the net's torch_ref "
+                        "model and recipe optimizer; training continues at epoch EPOCHS_DONE + 1")
     args = p.parse_args(argv)
     if args.resume is None and args.net is None:
         p.error("--net is required (or --resume RUN_DIR)")
     if args.resume is not None and (args.force or args.out is not None):
         p.error("--resume continues the run in RUN_DIR; it takes neither --out nor --force")
+    if args.resume is not None and args.resume_from_torch is not None:
+        p.error("--resume continues a run; --resume-from-torch starts one from a PyTorch checkpoint")
     for flag in ("epochs", "batch_size"):
         if getattr(args, flag) is not None and getattr(args, flag) < 1:
             p.error(f"--{flag.replace('_', '-')} must be at least 1")
@@ -118,13 +128,14 @@ def resolve(args: argparse.Namespace) -> tuple[dict[str, Any], Path, dict[str, A
             old = json.loads((run_dir / "config.json").read_text())
         except (OSError, ValueError) as e:
             raise RunError(f"cannot resume {run_dir}: no readable config.json ({e})") from None
-        for flag in ("net", "backend", "seed", "data_dir", "batch_size", "lr"):
+        for flag in ("net", "seed", "data_dir", "batch_size", "lr"):
             given = getattr(args, flag)
             stored = old["recipe"].get(flag) if flag in ("batch_size", "lr") else old.get(flag)
             if given is not None and given != stored:
                 raise RunError(f"--{flag.replace('_', '-')} {given} differs from the run being "
                                f"resumed ({stored}); a resumed run keeps its settings")
         settings = {k: old[k] for k in ("net", "backend", "seed", "data_dir")}
+        settings["backend"] = args.backend or old["backend"]  # another: the run switches to it
         settings["overrides"] = dict(old["overrides"], epochs=args.epochs or old["recipe"]["epochs"])
         return settings, run_dir, old
     settings = {"net": args.net, "backend": args.backend or "jax", "seed": args.seed or 0,
@@ -219,8 +230,8 @@ def train(args: argparse.Namespace, settings: dict[str, Any], run_dir: Path,
     from flaxnets.fit import NonFiniteLossError, checkpoint_paths, fit, has_checkpoint
     from flaxnets.recipes import recipe_for
     from flaxnets.introspect import state_bytes
-    from flaxnets.runs import (DISK_SLACK_BYTES, prepare_out, remove_run, versions, write_json,
-                               write_metrics_csv, write_run)
+    from flaxnets.runs import (DISK_SLACK_BYTES, prepare_out, remove_paths, remove_run, versions,
+                               write_json, write_metrics_csv, write_run)
     from flaxnets.summary import activation_elements, format_summary
 
     spec = get_spec(name)
@@ -268,24 +279,53 @@ def train(args: argparse.Namespace, settings: dict[str, Any], run_dir: Path,
     print(f"recipe: {recipe}")
     last = checkpoint_paths(run_dir, backend)["last"]
     resuming = bool(args.resume)
-    if resuming and has_checkpoint(last, backend):
-        print(f"resuming {run_dir} from {last}")
+    src = old["backend"] if old else backend  # the framework the run's checkpoints are in
+    src_last = checkpoint_paths(run_dir, src)["last"]
+    importer, carried = None, {}
+    if resuming and has_checkpoint(src_last, src):
+        print(f"resuming {run_dir} from {src_last}"
+              + (f", carried from {src} to {backend}" if src != backend else ""))
+        if src != backend:
+            from parity.train_state import run_importer
+
+            importer = run_importer(run_dir, src)
     elif resuming:
         print(f"{run_dir} stopped before its first epoch ended; training it from the start")
         resuming = False
+    if args.resume_from_torch:
+        from parity.files import sha256_file
+        from parity.train_state import torch_checkpoint_importer
+
+        ckpt = Path(args.resume_from_torch)
+        if not ckpt.is_file():
+            raise RunError(f"--resume-from-torch {ckpt}: no such file")
+        importer, resuming = torch_checkpoint_importer(ckpt), True
+        carried = {"resumed_from_torch": {"file": str(ckpt.resolve()), "sha256": sha256_file(ckpt)}}
     now = datetime.now().isoformat(timespec="seconds")
+    history = {k: old[k] for k in ("backend_switches", "resumed_from_torch") if old and resuming and k in old}
     config = {"net": name, "backend": backend, "seed": seed, "data_dir": settings["data_dir"],
               "data_source": data.source, "recipe": dataclasses.asdict(recipe),
               "overrides": settings["overrides"], "command": [sys.executable, *sys.argv],
               "versions": versions(), "started": old["started"] if resuming and old else now,
-              **({"resumed": now} if resuming else {}),
+              **({"resumed": now} if resuming and old else {}), **history, **carried,
               "compile_cache": str(compile_cache) if compile_cache else None}
 
     def on_start(epoch: int) -> None:
         if primary:
             if args.force:
-                remove_run(run_dir)
+                remove_run(run_dir, keep=("checkpoints",) if importer else ())  # the import's own
+            if importer and old:
+                config["backend_switches"] = [*config.get("backend_switches", []),
+                                              {"from": src, "to": backend, "after_epoch": epoch, "when": now}]
+            if carried:
+                config["resumed_from_torch"]["after_epoch"] = epoch
             write_json(run_dir / "config.json", config)  # a resume needs it even after a crash
+            if importer:
+                # the state now lives in this framework's checkpoints, which fit has just written
+                # (and, for a run that validates, its best one): the rest is stale
+                stale = [*checkpoint_paths(run_dir, "torch" if backend == "jax" else "jax").values()]
+                stale += [checkpoint_paths(run_dir, backend)["best"]] if carried else []
+                remove_paths(stale)
 
     def on_epoch(rows: list[dict[str, Any]]) -> None:
         if primary:
@@ -295,7 +335,7 @@ def train(args: argparse.Namespace, settings: dict[str, Any], run_dir: Path,
     try:
         result = fit(name, data, recipe, seed=seed, progress=progress_bar(recipe.epochs),
                      on_epoch=on_epoch, backend=backend, run_dir=run_dir, resume=resuming,
-                     on_start=on_start)
+                     on_start=on_start, import_state=importer)
     except NonFiniteLossError as e:
         kept = (f", the last good checkpoint is {last}" if has_checkpoint(last, backend)
                 else " before the first epoch ended, so nothing was saved")

@@ -19,7 +19,7 @@ from flax import nnx
 import flaxnets
 from flaxnets.data import Dataset, load_dataset, write_idx
 from flaxnets.engine import make_optimizer, preprocess, random_crop_flip
-from flaxnets.fit import fit, split_arrays
+from flaxnets.fit import epoch_permutation, fit, split_arrays
 from flaxnets.introspect import model_summary
 from flaxnets.recipes import recipe_for
 from flaxnets.runs import write_run
@@ -178,9 +178,10 @@ def test_a_partial_last_batch_is_trained_as_a_batch_of_its_own():
     state, opt_state = jax.tree.map(jnp.copy, (engine.state, engine.opt_state))
     sums = engine.train_epoch(0)
 
-    k_perm, k_aug = jax.random.split(jax.random.fold_in(engine.key, 0))
-    perm = np.asarray(engine.perm_fn(k_perm))[:6]
+    k_aug = jax.random.split(jax.random.fold_in(engine.key, 0))[1]
+    perm = epoch_permutation(0, 0, 6)
     assert sorted(perm) == list(range(6))
+    np.testing.assert_array_equal(np.asarray(engine.permutation(0)), [*perm, 0, 0])  # padded
     model = flaxnets.create("lenet", num_classes=ds.num_classes, seed=0)
     gd = nnx.split(model, nnx.Param, ...)[0]
     tx = make_optimizer(recipe, 2)[0]

@@ -4,9 +4,10 @@ loop and metrics. Imports torch and the framework-neutral core, never JAX.
 ``flaxnets.fit.fit(..., backend="torch")`` drives a ``TorchEngine`` through the same epoch
 loop as the JAX one, so the two backends can be compared run for run. The data stays in memory
 as one uint8 tensor (no DataLoader of PIL images); each batch is gathered, scaled, augmented and
-normalised with tensor ops. Every epoch draws its permutation and augmentation from a generator
-seeded by (seed, epoch), so an epoch depends only on the state at its start: resuming from an
-epoch checkpoint is bit-exact, as in JAX.
+normalised with tensor ops. Every epoch takes its order from ``flaxnets.fit.epoch_permutation``
+(the JAX engine's too: the same batches in both frameworks) and its augmentation and dropout from
+generators seeded by (seed, epoch), so an epoch depends only on the state at its start: resuming
+from an epoch checkpoint is bit-exact, as in JAX.
 """
 
 from __future__ import annotations
@@ -23,7 +24,8 @@ import torch
 import torch.nn.functional as F
 
 import torch_ref
-from flaxnets.fit import NAN_CHECK_EVERY, CheckpointError, NonFiniteLossError, Splits, epoch_batches, first_non_finite, lr_schedule
+from flaxnets.fit import (NAN_CHECK_EVERY, CheckpointError, NonFiniteLossError, Splits, epoch_batches,
+                          epoch_permutation, first_non_finite, lr_schedule)
 from flaxnets.recipes import IMAGENET_MEAN, IMAGENET_STD, Recipe
 from flaxnets.runs import atomic_write_bytes
 
@@ -71,6 +73,34 @@ def train_step(model: torch.nn.Module, opt: torch.optim.Optimizer, x: torch.Tens
     return ce.detach(), logits.detach()
 
 
+def save_train_state(path: Path, name: str, num_classes: int, snapshot: dict[str, Any],
+                     meta: dict[str, Any]) -> Path:
+    """Write a training state {'model': state_dict, 'optimizer': optimizer state_dict} of net
+    ``name`` and its ``meta`` as one torch file (loadable with weights_only=True), atomically; the
+    temporary files of saves killed before their rename are removed."""
+    for stale in Path(path).parent.glob(f".{Path(path).name}.*.tmp"):  # atomic_write_bytes' names
+        stale.unlink(missing_ok=True)
+    buf = io.BytesIO()
+    torch.save({"format": FORMAT, "net": name, "num_classes": num_classes,
+                "meta": json.dumps(meta, default=str), **snapshot}, buf)
+    return atomic_write_bytes(path, buf.getvalue())
+
+
+def load_train_state(path: Path, name: str, num_classes: int) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(snapshot, meta) from a file written by ``save_train_state`` for net ``name``."""
+    try:
+        d = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises many types for truncated/corrupt zip files
+        raise CheckpointError(f"cannot read {path}: {' '.join(str(e).split())[:300]}") from None
+    if not isinstance(d, dict) or d.get("format") != FORMAT:
+        raise CheckpointError(f"{path} is not a flaxnets torch training checkpoint")
+    if d["net"] != name or d["num_classes"] != num_classes:
+        raise CheckpointError(
+            f"{path} is a checkpoint of {d['net']!r} with {d['num_classes']} classes, not "
+            f"{name!r} with {num_classes}")
+    return {"model": d["model"], "optimizer": d["optimizer"]}, json.loads(d["meta"])
+
+
 class TorchEngine:
     """Training state of one torch_ref net; implements ``flaxnets.fit.Engine``."""
 
@@ -113,7 +143,7 @@ class TorchEngine:
             g["lr"] = self.lr_at(epoch * self.steps)
         gen = torch.Generator().manual_seed(_epoch_seed(self.seed, epoch))
         torch.manual_seed(_epoch_seed(self.seed, epoch))  # dropout draws from the global generator
-        perm = torch.randperm(len(self.x_train), generator=gen)
+        perm = torch.from_numpy(epoch_permutation(self.seed, epoch, len(self.x_train)))
         self.model.train()
         sums = np.zeros((self.steps, 2))
         for i in range(self.steps):
@@ -158,14 +188,8 @@ class TorchEngine:
         self.opt.load_state_dict(copy.deepcopy(snapshot["optimizer"]))
 
     def save_state(self, snapshot: dict[str, Any], path: Path, meta: dict[str, Any]) -> Path:
-        """Write ``snapshot`` and ``meta`` as one torch file (loadable with weights_only=True),
-        atomically; the temporary files of saves killed before their rename are removed."""
-        for stale in Path(path).parent.glob(f".{Path(path).name}.*.tmp"):  # atomic_write_bytes' names
-            stale.unlink(missing_ok=True)
-        buf = io.BytesIO()
-        torch.save({"format": FORMAT, "net": self.name, "num_classes": self.num_classes,
-                    "meta": json.dumps(meta, default=str), **snapshot}, buf)
-        return atomic_write_bytes(path, buf.getvalue())
+        """Write ``snapshot`` and ``meta`` as one torch file (``save_train_state``)."""
+        return save_train_state(path, self.name, self.num_classes, snapshot, meta)
 
     @staticmethod
     def has_state(path: Path) -> bool:
@@ -174,17 +198,7 @@ class TorchEngine:
 
     def load_state(self, path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
         """(snapshot, meta) from a file written by ``save_state`` for this net."""
-        try:
-            d = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e:  # torch raises many types for truncated/corrupt zip files
-            raise CheckpointError(f"cannot read {path}: {e}") from None
-        if not isinstance(d, dict) or d.get("format") != FORMAT:
-            raise CheckpointError(f"{path} is not a flaxnets torch training checkpoint")
-        if d["net"] != self.name or d["num_classes"] != self.num_classes:
-            raise CheckpointError(
-                f"{path} is a checkpoint of {d['net']!r} with {d['num_classes']} classes, not "
-                f"{self.name!r} with {self.num_classes}")
-        return {"model": d["model"], "optimizer": d["optimizer"]}, json.loads(d["meta"])
+        return load_train_state(path, self.name, self.num_classes)
 
     def final_model(self) -> torch.nn.Module:
         """The torch model holding the current weights."""

@@ -22,9 +22,18 @@ from flaxnets.xla_cpu.switch import speedup_on
 # 1.00x. A preference, not a demand: capped at AVX2 (xla_cpu_max_isa) a small function compiled
 # with it gave the same numbers.
 _WIDE_VECTORS = {"xla_cpu_prefer_vector_width": 512}
+# XLA's own convolutions instead of YNNPACK's (which XLA:CPU hands 2-D f32 convs of more than 16
+# channels by default; YNN keeps the dots and reductions; a compile option takes the enum set, not
+# the flag's -individual_convolution): paired in one `bench.py --without cpu_compile_options` run
+# on a 2-core AMD EPYC, resnet20 1.12x, resnet56 1.29x, net_width 1.22x (with its wide vectors);
+# net, whose convs have 16 channels, gains nothing. Every figure: docs/cpu_speedups.md.
+_XLA_CONVS = {"xla_cpu_experimental_ynn_fusion_type":
+              "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,LIBRARY_FUSION_TYPE_REDUCE"}
 CPU_COMPILE_OPTIONS: dict[str, dict[str, Any]] = {
     "lenet": {"xla_cpu_experimental_ynn_fusion_type": ""},
-    **{name: _WIDE_VECTORS for name in ("net", "net_width", "net_dropout", "net_batchnorm")},
+    "net": _WIDE_VECTORS,
+    **{name: {**_WIDE_VECTORS, **_XLA_CONVS} for name in ("net_width", "net_dropout", "net_batchnorm")},
+    **{f"resnet{d}": _XLA_CONVS for d in (20, 32, 44, 56, 110)},
 }
 
 

@@ -246,7 +246,7 @@ def flax_logits(model: nnx.Module, x: jax.Array, jit: bool = False) -> np.ndarra
     return np.asarray(_call(_forward, jit, model, x))
 
 
-def _to_float64(model: nnx.Module) -> nnx.Module:
+def to_float64(model: nnx.Module) -> nnx.Module:
     """A float64 copy of a Flax model (call under ``jax.enable_x64``)."""
     model = nnx.clone(model)
     state = nnx.state(model)
@@ -620,7 +620,7 @@ def _check_float64(rep: CompareReport, t64: torch.nn.Module, f_pre: nnx.Module, 
     torch.nn.functional.cross_entropy(out_t64, torch.from_numpy(y)).backward()
     rep.train_logits64 = out_t64.detach().numpy()
     with jax.enable_x64(True):
-        f64 = _to_float64(f_pre)
+        f64 = to_float64(f_pre)
         grads, out_f64 = _call(_grads, jit, f64, jnp.asarray(xf64), jnp.asarray(y))
         nnx.update(f64, grads)  # the converter brings the gradients to torch layout
         g_f = to_numpy_state_dict(f64)
@@ -628,7 +628,7 @@ def _check_float64(rep: CompareReport, t64: torch.nn.Module, f_pre: nnx.Module, 
         if not rep.train_logits_delta <= LOGIT_RTOL:  # NaN fails too
             rep.failures.append(f"train logits Δ (f64) {rep.train_logits_delta:.2e} > {LOGIT_RTOL:.0e}")
             if rep.first_divergence is None:  # eval mode agreed: search the float64 train forward
-                rep.first_divergence = first_divergence(t64, _to_float64(f_pre), x64, jit, xf64)
+                rep.first_divergence = first_divergence(t64, to_float64(f_pre), x64, jit, xf64)
                 rep.divergence_mode = "train, float64"
     g_t = {n: p.grad.numpy() for n, p in t64.named_parameters() if p.grad is not None}
     floor = 1e-6 * max((float(np.max(np.abs(g))) for g in g_t.values() if g.size), default=0.0)

@@ -29,6 +29,7 @@ import torch_ref
 from flaxnets.engine import make_optimizer as jax_optimizer, preprocess, update_step
 from flaxnets.fit import lr_schedule
 from flaxnets.recipes import Recipe, recipe_for
+from parity.comparison import to_float64
 from parity.convert import to_numpy_state_dict, torch_to_flax
 from parity.optim import optimizer_state_to_torch, optimizer_tensors
 from torch_ref.engine import make_optimizer as torch_optimizer, train_step as torch_train_step
@@ -242,17 +243,15 @@ def _run(name: str, recipe: Recipe, batches: list[tuple[np.ndarray, np.ndarray]]
     tdtype = torch.float64 if f64 else torch.float32
     tmodel = tmodel.to(tdtype).train()
     sites = _dropout_sites(tmodel, torch.from_numpy(batches[0][0]).permute(0, 3, 1, 2).to(tdtype))
-    swapped = _swap_flax_dropout(fmodel, sites)
-    fmodel.train()
     names = [n for n, _ in tmodel.named_parameters()]
     lr_at = lr_schedule(recipe, 1)
     topt = torch_optimizer(recipe, tmodel.parameters())
     tx = jax_optimizer(recipe, 1)[0]
     rows = []
     with jax.enable_x64(f64):
-        cast = lambda a: (jnp.asarray(np.asarray(a, dtype)) if jnp.issubdtype(a.dtype, jnp.floating)
-                          else a)
-        nnx.update(fmodel, jax.tree.map(cast, nnx.state(fmodel)))
+        fmodel = to_float64(fmodel) if f64 else fmodel
+        swapped = _swap_flax_dropout(fmodel, sites)
+        fmodel.train()
         graphdef, params, rest = nnx.split(fmodel, nnx.Param, ...)
         opt_state = tx.init(params)
         step = jax.jit(partial(update_step, tx=tx, recipe=recipe), static_argnums=0)

@@ -25,6 +25,7 @@ import flaxnets
 from flaxnets import checkpoint
 from flaxnets.fit import (NAN_CHECK_EVERY, NonFiniteLossError, Splits, epoch_batches, epoch_permutation,
                           first_non_finite, lr_schedule)
+from flaxnets.layers import set_compute_dtype
 from flaxnets.recipes import IMAGENET_MEAN, IMAGENET_STD, Recipe
 from flaxnets.xla_cpu import compile_options
 
@@ -50,6 +51,22 @@ def preprocess(x_uint8: jax.Array, recipe: Recipe, rng: jax.Array | None = None)
     return x
 
 
+def as_loss_dtype(logits: jax.Array) -> jax.Array:
+    """Logits of a bf16 model in fp32 for the loss and its softmax; fp32 and fp64 ones as they are."""
+    return logits.astype(jnp.promote_types(logits.dtype, jnp.float32))
+
+
+COMPUTE_DTYPES = {"fp32": None, "bf16": jnp.bfloat16}  # Recipe.precision -> the layers' dtype
+
+
+def create_model(name: str, num_classes: int, seed: int, precision: str = "fp32") -> nnx.Module:
+    """Net ``name`` initialised from ``seed``, computing in ``precision`` (``Recipe.precision``)."""
+    model = flaxnets.create(name, num_classes=num_classes, seed=seed)
+    if COMPUTE_DTYPES[precision] is not None:
+        set_compute_dtype(model, COMPUTE_DTYPES[precision])
+    return model
+
+
 def train_step(graphdef: nnx.GraphDef, state: tuple[nnx.State, nnx.State], opt_state: Any,
                x_uint8: jax.Array, y: jax.Array, mask: jax.Array, rng: jax.Array, *,
                tx: optax.GradientTransformation, recipe: Recipe) -> tuple[Any, Any, jax.Array]:
@@ -71,7 +88,7 @@ def update_step(graphdef: nnx.GraphDef, state: tuple[nnx.State, nnx.State], opt_
     def loss_fn(p: nnx.State, rest: nnx.State) -> tuple[jax.Array, tuple[jax.Array, jax.Array, nnx.State]]:
         # copy=True: fresh Variables at this (grad) trace level, so BatchNorm may update them
         model = nnx.merge(graphdef, p, rest, copy=True)
-        logits = model(x)
+        logits = as_loss_dtype(model(x))
         # the mean over the kept examples: a padded tail batch's gradient is its own batch's
         ce = jnp.sum(optax.softmax_cross_entropy_with_integer_labels(logits, y) * m) / count
         loss = ce
@@ -90,7 +107,7 @@ def eval_step(graphdef: nnx.GraphDef, state: tuple[nnx.State, nnx.State], x_uint
               y: jax.Array, mask: jax.Array, *, recipe: Recipe) -> tuple[jax.Array, jax.Array]:
     """Masked sums [CE loss, correct, count] and the predictions of one (padded) eval batch."""
     model = nnx.merge(graphdef, *state)
-    logits = model(preprocess(x_uint8, recipe))
+    logits = as_loss_dtype(model(preprocess(x_uint8, recipe)))
     ce = optax.softmax_cross_entropy_with_integer_labels(logits, y)
     pred = jnp.argmax(logits, -1)
     m = mask.astype(jnp.float32)
@@ -214,7 +231,7 @@ class JaxEngine:
         steps = self.steps
         repl, batch_sh = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
 
-        self.model = model = flaxnets.create(name, num_classes=num_classes, seed=seed)
+        self.model = model = create_model(name, num_classes, seed, recipe.precision)
         model.train()
         gd_train, params, rest = nnx.split(model, nnx.Param, ...)
         model.eval()

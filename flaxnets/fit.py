@@ -342,7 +342,10 @@ def check_resumable(meta: dict[str, Any], now: dict[str, Any], backend: bool = T
     for k in ("net", "backend", "seed", "num_classes") if backend else ("net", "seed", "num_classes"):
         if meta.get(k) != now[k]:
             raise ValueError(f"cannot resume: the checkpoint has {k}={meta.get(k)!r}, this run {now[k]!r}")
-    old = {k: v for k, v in meta["recipe"].items() if k != "epochs"}
+    # a field the checkpoint's recipe lacks (written before the field existed) has its default
+    defaults = {f.name: f.default for f in dataclasses.fields(Recipe)
+                if f.default is not dataclasses.MISSING}
+    old = {k: v for k, v in {**defaults, **meta["recipe"]}.items() if k != "epochs"}
     new = {k: v for k, v in now["recipe"].items() if k != "epochs"}
     old = json.loads(json.dumps(old))  # tuples were saved as lists
     new = json.loads(json.dumps(new))

@@ -155,6 +155,16 @@ def linear(
     )
 
 
+def set_compute_dtype(model: nnx.Module, dtype: Any) -> nnx.Module:
+    """Make ``model``'s convs and linear layers compute in ``dtype`` (bf16 mixed precision): their
+    parameters keep their own dtype and are cast at use, so gradients and the optimiser stay
+    fp32; ``BatchNorm2d`` normalises in fp32 whatever it is given. Returns ``model``."""
+    for _, module in nnx.iter_modules(model):
+        if isinstance(module, (nnx.Conv, nnx.Linear)):
+            module.dtype = dtype
+    return model
+
+
 class BatchNorm2d(nnx.Module):
     """torch.nn.BatchNorm2d semantics in NNX (momentum 0.1, eps 1e-5, NHWC channel last).
 
@@ -180,6 +190,8 @@ class BatchNorm2d(nnx.Module):
         self.num_batches_tracked = nnx.BatchStat(full(0, (), np.int32))
 
     def __call__(self, x: Array) -> Array:
+        if jnp.finfo(x.dtype).bits < 32:  # mixed precision: statistics and normalisation in fp32
+            return self(x.astype(jnp.float32)).astype(x.dtype)
         scale, bias = self.scale[...], self.bias[...]
         if self.use_running_average:
             return normalised(x, self.mean[...], self.var[...], scale, bias, self.eps)

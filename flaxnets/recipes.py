@@ -13,6 +13,7 @@ from flaxnets.registry import get_spec
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+PRECISIONS = ("fp32", "bf16")
 
 
 @dataclass(frozen=True)
@@ -33,6 +34,13 @@ class Recipe:
     augment: str = "none"  # 'none' | 'crop_flip' (random crop with 4-pixel zero pad + h-flip)
     val_fraction: float = 0.0  # held out of train for validation; the best-val weights are kept
     test_fraction: float = 0.0  # carved out of train when the dataset has no test set
+    # 'fp32' | 'bf16': bf16 compute in the convs and linear layers, with fp32 master weights,
+    # optimiser state and BatchNorm statistics (JAX: nnx dtype; torch: autocast)
+    precision: str = "fp32"
+
+    def __post_init__(self) -> None:
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"unknown precision {self.precision!r}; valid: {', '.join(PRECISIONS)}")
 
 
 _CIFAR2 = Recipe("cifar2", "sgd", 1e-2, 64, 100)

@@ -88,6 +88,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--epochs", type=int, help="override the recipe's epoch count")
     p.add_argument("--batch-size", type=int, help="override the recipe's batch size")
     p.add_argument("--lr", type=float, help="override the recipe's learning rate")
+    p.add_argument("--precision", choices=["fp32", "bf16"],
+                   help="compute precision (default fp32); bf16 keeps fp32 master weights, "
+                        "optimiser state and BatchNorm statistics")
     p.add_argument("--data-dir", help="dataset directory (IDX files, CIFAR pickles or an image folder)")
     p.add_argument("--seed", type=int, help="seed of initialisation, shuffling, augmentation (default 0)")
     p.add_argument("--out", help="run directory (default runs/<net>-<backend>-<timestamp>); "
@@ -128,9 +131,10 @@ def resolve(args: argparse.Namespace) -> tuple[dict[str, Any], Path, dict[str, A
             old = json.loads((run_dir / "config.json").read_text())
         except (OSError, ValueError) as e:
             raise RunError(f"cannot resume {run_dir}: no readable config.json ({e})") from None
-        for flag in ("net", "seed", "data_dir", "batch_size", "lr"):
+        for flag in ("net", "seed", "data_dir", "batch_size", "lr", "precision"):
             given = getattr(args, flag)
-            stored = old["recipe"].get(flag) if flag in ("batch_size", "lr") else old.get(flag)
+            stored = (old["recipe"].get(flag, "fp32" if flag == "precision" else None)
+                      if flag in ("batch_size", "lr", "precision") else old.get(flag))
             if given is not None and given != stored:
                 raise RunError(f"--{flag.replace('_', '-')} {given} differs from the run being "
                                f"resumed ({stored}); a resumed run keeps its settings")
@@ -140,7 +144,8 @@ def resolve(args: argparse.Namespace) -> tuple[dict[str, Any], Path, dict[str, A
         return settings, run_dir, old
     settings = {"net": args.net, "backend": args.backend or "jax", "seed": args.seed or 0,
                 "data_dir": args.data_dir,
-                "overrides": {"epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr}}
+                "overrides": {"epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr,
+                              "precision": args.precision}}
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
     run_dir = Path(args.out) if args.out else Path("runs") / f"{args.net}-{settings['backend']}-{stamp}"
     return settings, run_dir, None

@@ -302,6 +302,8 @@ def test_resume_refuses_changed_settings_and_corrupt_checkpoints(full_run, tmp_p
     backend, full = full_run
     assert train_script.main(["--resume", str(full), "--net", "lenet"]) == 1
     assert "--net lenet differs from the run being resumed (dilated)" in capsys.readouterr().err
+    assert train_script.main(["--resume", str(full), "--precision", "bf16"]) == 1
+    assert "--precision bf16 differs from the run being resumed (fp32)" in capsys.readouterr().err
     assert train_script.main(["--resume", str(tmp_path)]) == 1
     assert "no readable config.json" in capsys.readouterr().err
     if backend == "jax":  # a truncated array file: one line naming the step directory

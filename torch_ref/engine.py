@@ -39,13 +39,14 @@ def _epoch_seed(seed: int, epoch: int) -> int:
 def random_crop_flip(x: torch.Tensor, gen: torch.Generator, pad: int = 4) -> torch.Tensor:
     """Per-image random crop of the zero-padded NCHW batch back to its size, then a random h-flip."""
     b, c, h, w = x.shape
+    dev = x.device  # gen draws on x's device
     xp = F.pad(x, (pad, pad, pad, pad))
-    off = torch.randint(0, 2 * pad + 1, (b, 2), generator=gen)
-    rows = (off[:, 0, None] + torch.arange(h))[:, None, :, None].expand(b, c, h, w + 2 * pad)
+    off = torch.randint(0, 2 * pad + 1, (b, 2), generator=gen, device=dev)
+    rows = (off[:, 0, None] + torch.arange(h, device=dev))[:, None, :, None].expand(b, c, h, w + 2 * pad)
     x = torch.gather(xp, 2, rows)
-    cols = (off[:, 1, None] + torch.arange(w))[:, None, None, :].expand(b, c, h, w)
+    cols = (off[:, 1, None] + torch.arange(w, device=dev))[:, None, None, :].expand(b, c, h, w)
     x = torch.gather(x, 3, cols)
-    flip = torch.rand(b, generator=gen) < 0.5
+    flip = torch.rand(b, generator=gen, device=dev) < 0.5
     return torch.where(flip[:, None, None, None], x.flip(3), x)
 
 
@@ -59,10 +60,28 @@ def make_optimizer(recipe: Recipe, params: Any) -> torch.optim.Optimizer:
     raise ValueError(f"unknown optimizer {recipe.optimizer!r}")
 
 
+def autocast(device: torch.device, precision: str) -> torch.autocast:
+    """The mixed-precision context of ``Recipe.precision`` on ``device`` (a no-op for 'fp32')."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+
+
+def as_loss_dtype(logits: torch.Tensor) -> torch.Tensor:
+    """Logits of a bf16 forward in fp32 for the loss; fp32 and fp64 ones as they are."""
+    return logits.to(torch.promote_types(logits.dtype, torch.float32))
+
+
+def default_device() -> torch.device:
+    """Where the torch engine trains unless told: the GPU when torch sees one, else the CPU."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
 def train_step(model: torch.nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,
                recipe: Recipe) -> tuple[torch.Tensor, torch.Tensor]:
-    """One optimiser step of ``model`` (train mode) on a model-ready batch; (mean CE loss, logits)."""
-    logits = model(x)
+    """One optimiser step of ``model`` (train mode) on a model-ready batch; (mean CE loss, logits).
+    ``recipe.precision`` 'bf16' runs the forward under autocast (fp32 weights, optimiser state and
+    BatchNorm statistics; the loss in fp32)."""
+    with autocast(x.device, recipe.precision):
+        logits = as_loss_dtype(model(x))
     ce = F.cross_entropy(logits, y)
     loss = ce
     if recipe.l2:  # the material's net_batchnorm: loss + l2 * sum of squares of all parameters
@@ -110,21 +129,23 @@ class TorchEngine:
     compile_seconds = 0.0
 
     def __init__(self, name: str, splits: Splits, num_classes: int, recipe: Recipe, seed: int,
-                 channels_last: bool = False):
+                 channels_last: bool = False, device: str | torch.device | None = None):
         self.name, self.recipe, self.seed, self.num_classes = name, recipe, seed, num_classes
+        self.device = dev = torch.device(device) if device is not None else default_device()
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         # the last step's batch is partial unless the net has BatchNorm (epoch_batches)
         self.steps, self.examples = epoch_batches(name, len(splits.x_train), recipe.batch_size)
         self.lr_at = lr_schedule(recipe, self.steps)
         torch.manual_seed(seed)
-        self.model = torch_ref.create(name, num_classes=num_classes).to(memory_format=self.memory_format)
+        self.model = torch_ref.create(name, num_classes=num_classes).to(dev, memory_format=self.memory_format)
         self.opt = make_optimizer(recipe, self.model.parameters())
-        self.x_train = torch.from_numpy(np.ascontiguousarray(splits.x_train))
-        self.y_train = torch.from_numpy(splits.y_train.astype(np.int64))
-        self.evals = {k: (torch.from_numpy(np.ascontiguousarray(x)), torch.from_numpy(y.astype(np.int64)))
+        # the data set lives on the device as uint8, as in the JAX engine
+        self.x_train = torch.from_numpy(np.array(splits.x_train)).to(dev)
+        self.y_train = torch.from_numpy(splits.y_train.astype(np.int64)).to(dev)
+        self.evals = {k: (torch.from_numpy(np.array(x)).to(dev), torch.from_numpy(y.astype(np.int64)).to(dev))
                       for k, (x, y) in splits.eval_sets().items()}
-        self.mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
-        self.std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+        self.mean = torch.tensor(IMAGENET_MEAN, device=dev).view(1, 3, 1, 1)
+        self.std = torch.tensor(IMAGENET_STD, device=dev).view(1, 3, 1, 1)
 
     def _prep(self, x_uint8: torch.Tensor, gen: torch.Generator | None = None) -> torch.Tensor:
         # NHWC uint8 -> NCHW float in the engine's memory format (permute() alone leaves NHWC memory)
@@ -141,25 +162,28 @@ class TorchEngine:
         bs, r = self.recipe.batch_size, self.recipe
         for g in self.opt.param_groups:
             g["lr"] = self.lr_at(epoch * self.steps)
-        gen = torch.Generator().manual_seed(_epoch_seed(self.seed, epoch))
+        gen = torch.Generator(self.device).manual_seed(_epoch_seed(self.seed, epoch))
         torch.manual_seed(_epoch_seed(self.seed, epoch))  # dropout draws from the global generator
-        perm = torch.from_numpy(epoch_permutation(self.seed, epoch, len(self.x_train)))
+        perm = torch.from_numpy(epoch_permutation(self.seed, epoch, len(self.x_train))).to(self.device)
         self.model.train()
-        sums = np.zeros((self.steps, 2))
+        # the per-step sums stay on the device (float64: ce * n as exactly as on the host) and
+        # are read every NAN_CHECK_EVERY steps, so a GPU is not made to wait for the host per step
+        sums, done = [], np.zeros((0, 2))
         for i in range(self.steps):
             idx = perm[i * bs:(i + 1) * bs]
             x, y = self._prep(self.x_train[idx], gen), self.y_train[idx]
             ce, logits = train_step(self.model, self.opt, x, y, r)
-            sums[i] = (ce.item() * len(y), (logits.argmax(1) == y).sum().item())
+            sums.append(torch.stack([ce.double() * len(y), (logits.argmax(1) == y).sum().double()]))
             if progress:
                 progress(epoch, i + 1, self.steps)
             if (i + 1) % NAN_CHECK_EVERY == 0 or i + 1 == self.steps:
-                start = (i // NAN_CHECK_EVERY) * NAN_CHECK_EVERY
-                bad = first_non_finite(sums[start:i + 1, 0])
+                start = len(done)
+                done = np.concatenate([done, torch.stack(sums[start:]).cpu().numpy()])
+                bad = first_non_finite(done[start:, 0])
                 if bad is not None:
                     raise NonFiniteLossError(epoch, start + bad, epoch * self.steps + start + bad,
-                                             float(sums[start + bad, 0]))
-        return sums
+                                             float(done[start + bad, 0]))
+        return done
 
     @torch.inference_mode()
     def evaluate(self, split: str) -> tuple[float, float, np.ndarray]:
@@ -169,13 +193,14 @@ class TorchEngine:
         loss, preds = 0.0, []
         bs = self.recipe.batch_size
         for i in range(0, len(x_all), bs):
-            logits = self.model(self._prep(x_all[i:i + bs]))
+            with autocast(self.device, self.recipe.precision):
+                logits = as_loss_dtype(self.model(self._prep(x_all[i:i + bs])))
             y = y_all[i:i + bs]
             loss += F.cross_entropy(logits, y, reduction="sum").item()
             preds.append(logits.argmax(1))
         self.model.train()
         p = torch.cat(preds)
-        return loss / len(y_all), float((p == y_all).double().mean()), p.numpy()
+        return loss / len(y_all), float((p == y_all).double().mean()), p.cpu().numpy()
 
     def get_state(self) -> dict[str, Any]:
         """A copy of the full training state (weights, buffers, optimiser)."""

@@ -22,6 +22,7 @@ from benchmarks.flops import matmul_peak
 from benchmarks.machine import machine_info
 from benchmarks.report import format_table, variant_cell
 from benchmarks.throughput import ABLATED, DEFAULT_IMAGE, LABELS, VARIANTS, make_case, measure_case, summarise
+from flaxnets.recipes import PRECISIONS
 from flaxnets.registry import list_nets
 from flaxnets.xla_cpu.switch import SPEEDUPS
 
@@ -75,6 +76,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--without", nargs="+", default=[], choices=sorted(SPEEDUPS), metavar="SPEEDUP",
                    help="also time the JAX engine without these speed-ups, interleaved (what each "
                         f"brings): {', '.join(sorted(SPEEDUPS))}")
+    p.add_argument("--precision", nargs="+", default=["fp32"], choices=PRECISIONS,
+                   help="compute precision(s) of the training steps (Recipe.precision); each net is "
+                        "measured at each, one after the other (default fp32)")
     p.add_argument("--e2e", action=argparse.BooleanOptionalAction, default=True,
                    help="end-to-end LeNet runs after the throughput part: scripts/train.py with "
                         "--backend jax (twice) and torch, and the tutorial's loop (minutes; default on)")
@@ -118,9 +122,9 @@ def run(args: argparse.Namespace, log: Callable[[str], None] = lambda s: None) -
     report["peak"] = peak = matmul_peak(args.peak_size)
     log(f"peak FP32 matmul {peak['peak_flops'] / 1e9:.1f} GFLOP/s ({peak['peak_from']})")
     report["nets"] = []
-    for net in args.nets:
-        case = make_case(net, args.steps, args.batch, args.image)
-        log(f"{net}: batch {case.batch}, input {case.input_shape}, {case.steps} steps")
+    for net, precision in ((n, pr) for n in args.nets for pr in args.precision):
+        case = make_case(net, args.steps, args.batch, args.image, precision)
+        log(f"{net}: batch {case.batch}, input {case.input_shape}, {case.steps} steps, {precision}")
         variants = (VARIANTS if net in args.compile_nets else VARIANTS[:-1]) + ((ABLATED,) * bool(args.without))
         w0, c0 = time.perf_counter(), time.process_time()
         row = measure_case(case, variants, args.repeats, args.warmup, args.compile_timeout,

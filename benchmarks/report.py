@@ -55,7 +55,8 @@ def format_table(report: dict[str, Any]) -> str:
         pct = row["percent_of_peak"]
         best_t = max((pct[v] for v in pct if v not in ("jax", ABLATED)), default=None)
         comp = [vs[v].get("compile_seconds") if v in vs else None for v in ("jax", "torch_compile")]
-        cells = [row["net"], str(row["batch"]), "×".join(map(str, row["input"])),
+        precision = row.get("precision", "fp32")
+        cells = [row["net"] + (f" ({precision})" if precision != "fp32" else ""), str(row["batch"]), "×".join(map(str, row["input"])),
                  *(variant_cell(vs[v]) if v in vs else "not run" for v in VARIANTS),
                  _num(row["jax_over_best_eager"], ".2f") + ("×" if row["jax_over_best_eager"] else ""),
                  f"{_num(pct.get('jax'), '.1f')} / {_num(best_t, '.1f')}",

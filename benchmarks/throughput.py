@@ -40,15 +40,18 @@ DEFAULT_IMAGE = 32  # side of the square input of the any-size nets (the DenseNe
 
 @dataclass(frozen=True)
 class Case:
-    """One net as benchmarked: batch size, input shape (H, W, C) and steps per timed epoch."""
+    """One net as benchmarked: batch size, input shape (H, W, C), steps per timed epoch and
+    compute precision (``Recipe.precision``)."""
 
     net: str
     batch: int
     input_shape: tuple[int, int, int]
     steps: int
+    precision: str = "fp32"
 
 
-def make_case(net: str, steps: int, batch: int | None = None, image: int | None = None) -> Case:
+def make_case(net: str, steps: int, batch: int | None = None, image: int | None = None,
+              precision: str = "fp32") -> Case:
     """The benchmark case of ``net``: its default batch and input unless overridden."""
     from flaxnets.recipes import recipe_for
 
@@ -56,7 +59,8 @@ def make_case(net: str, steps: int, batch: int | None = None, image: int | None 
     h, w, c = spec.input_shape
     if spec.any_size:
         h = w = image or DEFAULT_IMAGE
-    return Case(net, batch or DEFAULT_BATCH.get(net, recipe_for(net).batch_size), (h, w, c), steps)
+    return Case(net, batch or DEFAULT_BATCH.get(net, recipe_for(net).batch_size), (h, w, c), steps,
+                precision)
 
 
 def synthetic_splits(case: Case, num_classes: int, seed: int = 0) -> Splits:
@@ -101,7 +105,7 @@ def build_engine(variant: str, case: Case, splits: Splits, num_classes: int, see
     from flaxnets.engine import JaxEngine
     from flaxnets.recipes import recipe_for
 
-    recipe = recipe_for(case.net, batch_size=case.batch)
+    recipe = recipe_for(case.net, batch_size=case.batch, precision=case.precision)
     if variant in ("jax", ABLATED):
         with xla_cpu.without(*(without if variant == ABLATED else ())):  # its steps compile here
             return JaxEngine(case.net, splits, num_classes, recipe, seed)
@@ -205,7 +209,7 @@ def measure_case(case: Case, variants: tuple[str, ...] = VARIANTS, repeats: int 
     if tc and tc["status"] == "ok":  # the first epoch minus a steady one
         tc["compile_seconds"] = max(0.0, tc["warmup_seconds"][0] - statistics.median(tc["seconds"]))
     return {"net": case.net, "batch": case.batch, "input": list(case.input_shape),
-            "steps": case.steps, "epochs_per_round": per_round, "variants": res}
+            "steps": case.steps, "precision": case.precision, "epochs_per_round": per_round, "variants": res}
 
 
 def summarise(row: dict[str, Any], peak_flops: float) -> dict[str, Any]:

@@ -152,6 +152,25 @@ def test_the_ablation_table_gives_each_nets_speedup(monkeypatch):
     assert "| lenet | 300 | 200 | 1.50× | 1.5 / 1.5 |" in text
 
 
+def test_each_precision_asked_for_is_a_row_of_its_own_built_in_it(monkeypatch):
+    from benchmarks import cli
+
+    built = []
+    monkeypatch.setattr(throughput, "build_engine",
+                        lambda v, case, *a, **k: built.append((v, case.precision)) or FakeEngine(v, []))
+    monkeypatch.setattr(cli, "matmul_peak", lambda n: {"n": n, "peak_flops": 1e9, "peak_from": "fake",
+                                                       "jax": {"flops": 1e9}, "torch": {"flops": 1e9}})
+    args = cli.parse_args(["--nets", "lenet", "--precision", "fp32", "bf16", "--steps", "1",
+                           "--repeats", "1", "--no-e2e", "--compile-nets", "none", "--round-seconds", "0"])
+    rep = cli.run(args)
+    assert [row["precision"] for row in rep["nets"]] == ["fp32", "bf16"]
+    assert {p for _, p in built} == {"fp32", "bf16"} and ("jax", "bf16") in built
+    rows = [ln for ln in report.format_table(rep).splitlines() if ln.startswith("| lenet")]
+    assert [r.split(" | ")[0] for r in rows] == ["| lenet", "| lenet (bf16)"]
+    with pytest.raises(SystemExit):
+        cli.parse_args(["--precision", "fp16", "--no-e2e"])
+
+
 def test_jax_over_pytorch_pairs_the_rounds():
     """The machine slows in round 3: each round's torch / JAX time is 3.0, 1.1, 1.1 -> 1.1,
     where the ratio of the medians (2.2 / 2) would say 1.5. The best eager variant is the one

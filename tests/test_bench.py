@@ -274,7 +274,8 @@ def test_the_report_renders_each_kept_run_under_its_file_name(path):
     assert "\n".join(lines[2:]) == report.format_table(kept)
     for row in kept["nets"]:
         jax_cell = report.variant_cell(row["variants"]["jax"])
-        assert any(line.startswith(f"| {row['net']} | {row['batch']} | {'×'.join(map(str, row['input']))} "
+        label = row["net"] + (f" ({row['precision']})" if row.get("precision", "fp32") != "fp32" else "")
+        assert any(line.startswith(f"| {label} | {row['batch']} | {'×'.join(map(str, row['input']))} "
                                    f"| {jax_cell} |") for line in lines)
 
 

@@ -43,26 +43,36 @@ def forward_flops(net: str, input_shape: tuple[int, int, int]) -> int:
     return 2 * macs[0]
 
 
-def matmul_peak(n: int = 2048, repeats: int = 5) -> dict[str, Any]:
-    """Measured FP32 (n x n) @ (n x n) FLOP/s of JAX and torch, interleaved; the larger is the peak."""
+def matmul_peak(n: int = 2048, repeats: int = 5, precision: str = "fp32", device: str = "cpu"
+                ) -> dict[str, Any]:
+    """Measured (n x n) @ (n x n) FLOP/s of JAX (its default device) and torch (on ``device``) in
+    ``precision`` ('fp32': each framework's default float32 matmul, or 'bf16'), interleaved,
+    medians; the larger is the peak."""
     import jax
     import jax.numpy as jnp
     import torch
 
     a = np.random.default_rng(0).standard_normal((2, n, n), dtype=np.float32)
-    ja, jb = jnp.asarray(a[0]), jnp.asarray(a[1])
-    ta, tb = torch.from_numpy(a[0]), torch.from_numpy(a[1])
+    jdt, tdt = (jnp.float32, torch.float32) if precision == "fp32" else (jnp.bfloat16, torch.bfloat16)
+    ja, jb = (jnp.asarray(m, jdt) for m in a)
+    ta, tb = (torch.from_numpy(m).to(device, tdt) for m in a)
     jmm = jax.jit(jnp.matmul)
-    runs = {"jax": lambda: jmm(ja, jb).block_until_ready(), "torch": lambda: torch.mm(ta, tb)}
+    sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
+
+    def torch_mm() -> None:
+        torch.mm(ta, tb)
+        sync()
+
+    runs = {"jax": lambda: jmm(ja, jb).block_until_ready(), "torch": torch_mm}
     seconds: dict[str, list[float]] = {k: [] for k in runs}
-    for i in range(repeats + 1):  # the first round warms up (compilation, thread pools)
+    for i in range(repeats + 1):  # the first round warms up (compilation, thread pools, cuBLAS)
         for k, fn in runs.items():
             t0 = time.perf_counter()
             fn()
             if i:
                 seconds[k].append(time.perf_counter() - t0)
     flop = 2 * n**3
-    out: dict[str, Any] = {"n": n, "flop_per_matmul": flop}
+    out: dict[str, Any] = {"n": n, "precision": precision, "flop_per_matmul": flop}
     for k, s in seconds.items():
         out[k] = {"seconds": s, "flops": flop / statistics.median(s)}
     out["peak_flops"] = max(out[k]["flops"] for k in runs)

@@ -149,13 +149,16 @@ def render(paths: list[Path]) -> str:
     return "\n\n".join(parts)
 
 
-def replace_section(text: str, body: str, where: str = "the file") -> str:
-    """``text`` with the lines between its ``BEGIN`` and ``END`` lines replaced by ``body``."""
+def replace_section(text: str, body: str, where: str = "the file",
+                    markers: tuple[str, str] = (BEGIN, END)) -> str:
+    """``text`` with the lines between its ``markers`` lines (default ``BEGIN``, ``END``) replaced
+    by ``body``."""
+    begin, end = markers
     lines = text.splitlines(keepends=True)
-    begins = [i for i, line in enumerate(lines) if line.rstrip() == BEGIN]
-    ends = [i for i, line in enumerate(lines) if line.rstrip() == END]
+    begins = [i for i, line in enumerate(lines) if line.rstrip() == begin]
+    ends = [i for i, line in enumerate(lines) if line.rstrip() == end]
     if len(begins) != 1 or len(ends) != 1 or ends[0] < begins[0]:
-        raise SectionError(f"{where} needs one line {BEGIN} and, after it, one line {END} around the "
+        raise SectionError(f"{where} needs one line {begin} and, after it, one line {end} around the "
                            f"section to fill; it has {len(begins)} and {len(ends)}"
                            + (", in the wrong order" if len(begins) == len(ends) == 1 else ""))
     return "".join(lines[:begins[0] + 1]) + body.rstrip("\n") + "\n" + "".join(lines[ends[0]:])

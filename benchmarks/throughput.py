@@ -221,12 +221,12 @@ def summarise(row: dict[str, Any], peak_flops: float) -> dict[str, Any]:
     ips = {v: r["median_images_per_s"] for v, r in row["variants"].items() if r["status"] == "ok"}
     row["percent_of_peak"] = {v: 100 * x * TRAIN_OVER_FORWARD * fwd / peak_flops for v, x in ips.items()}
     best = max((v for v in EAGER if v in ips), key=ips.get, default=None)
-    row["jax_over_best_eager"] = _paired_ratio(row, best)
-    row["jax_over_ablated"] = _paired_ratio(row, ABLATED if ABLATED in ips else None)
+    row["jax_over_best_eager"] = paired_ratio(row, best)
+    row["jax_over_ablated"] = paired_ratio(row, ABLATED if ABLATED in ips else None)
     return row
 
 
-def _paired_ratio(row: dict[str, Any], other: str | None) -> float | None:
+def paired_ratio(row: dict[str, Any], other: str | None) -> float | None:
     """JAX's speed over variant ``other``: the median over rounds of other's epoch time / JAX's
     in the same round. Paired, because a shared 2-core machine's speed drifts by 20-30 % between
     rounds a minute apart and both variants of a round see the same drift (with one round it is the

@@ -84,9 +84,10 @@ class ParityResult:
 
 
 def check_net(name: str, seed: int = 0, batch: int = 2, input_shape: tuple[int, int, int] | None = None,
-              jit: bool | None = None, **kw) -> ParityResult:
+              jit: bool | None = None, device: str | torch.device | None = None, **kw) -> ParityResult:
     """Run every parity check on net ``name`` with random weights; never raises on a mismatch,
-    it records it in ``failures``. ``jit`` defaults to the registry's ``many_small_ops``."""
+    it records it in ``failures``. ``jit`` defaults to the registry's ``many_small_ops``;
+    ``device``: where the torch side of the comparison runs (default the CPU)."""
     spec = flaxnets.get_spec(name)
     h, w, c = input_shape or spec.check_shape
     jit = spec.many_small_ops if jit is None else jit
@@ -109,7 +110,8 @@ def check_net(name: str, seed: int = 0, batch: int = 2, input_shape: tuple[int, 
     rng = np.random.RandomState(seed)
     x = rng.randn(batch, c, h, w).astype(np.float32)
     y = rng.randint(0, spec.num_classes, size=batch)
-    report = compare(tmodel, fmodel, x, y, jit=jit)  # on copies: tmodel and fmodel stay as converted
+    # on copies: tmodel and fmodel stay as converted (and tmodel on the CPU)
+    report = compare(tmodel, fmodel, x, y, jit=jit, device=device)
     res.compare = report
     res.output_shape, res.expected_shape = report.eval_logits.flax_out.shape, (batch, spec.num_classes)
     if res.output_shape != res.expected_shape or not report.eval_logits.same_shape:

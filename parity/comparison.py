@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import itertools
 import textwrap
 from collections import OrderedDict
 from collections.abc import Iterator
@@ -69,6 +70,21 @@ def grad_rel_delta(g_torch: np.ndarray, g_flax: np.ndarray, floor: float) -> flo
     return float(np.max(np.abs(g_torch.astype(np.float64) - g_flax))) / scale if scale > 0 else 0.0
 
 
+def torch_device(model: torch.nn.Module) -> torch.device:
+    """The device holding ``model``'s first parameter or buffer (cpu for a model without tensors)."""
+    t = next(itertools.chain(model.parameters(), model.buffers()), None)
+    return torch.device("cpu") if t is None else t.device
+
+
+def _on(model: torch.nn.Module, x: np.ndarray) -> torch.Tensor:
+    """``x`` as a torch tensor on ``model``'s device (on the CPU the numpy memory itself)."""
+    return torch.from_numpy(x).to(torch_device(model))
+
+
+def _host(t: torch.Tensor) -> np.ndarray:
+    return t.detach().cpu().numpy()
+
+
 def nchw_to_nhwc(x: np.ndarray) -> np.ndarray:
     """A torch image batch (N, C, H, W) in Flax's layout (N, H, W, C)."""
     return np.ascontiguousarray(np.transpose(x, (0, 2, 3, 1)))
@@ -77,7 +93,7 @@ def nchw_to_nhwc(x: np.ndarray) -> np.ndarray:
 def _reads_channels_first(model: torch.nn.Module, x: np.ndarray) -> bool:
     """Whether the first torch layer with a layout (``CHANNELS_FIRST_1D`` or ``CHANNELS_LAST_1D``)
     that reads a tensor of ``x``'s shape, in execution order, is a channels-first one."""
-    x_t, verdict = torch.from_numpy(x), []
+    x_t, verdict = _on(model, x), []
 
     def hook(m: torch.nn.Module, args: tuple) -> None:
         if not verdict and args and isinstance(args[0], torch.Tensor) and args[0].shape == x_t.shape:
@@ -156,7 +172,7 @@ def _capture_torch(model: torch.nn.Module, x: torch.Tensor) -> OrderedDict[str, 
         def hook(_m, _inp, out, name=name):
             if isinstance(out, torch.Tensor):
                 captured.pop(name, None)
-                captured[name] = out.detach().clone().numpy()
+                captured[name] = _host(out.clone())
 
         hooks.append(m.register_forward_hook(hook))
     try:
@@ -202,7 +218,7 @@ def layer_deltas(tmodel: torch.nn.Module, fmodel: nnx.Module, x: np.ndarray, jit
     runs the Flax model as one program (see ``NetSpec.many_small_ops``).
     """
     x_flax = flax_input(x, tmodel) if x_flax is None else x_flax
-    t_acts = _capture_torch(tmodel, torch.from_numpy(x))
+    t_acts = _capture_torch(tmodel, _on(tmodel, x))
     f_acts = _capture_flax(fmodel, jnp.asarray(x_flax), jit)
     kinds = dict((n, type(m).__name__) for n, m in tmodel.named_modules())
     return [LayerDelta(path, kinds[path], t.shape, _activation_delta(t, np.asarray(f_acts[path])))
@@ -306,7 +322,7 @@ def compare_eval_logits(tmodel: torch.nn.Module, fmodel: nnx.Module, x_nchw: np.
     tmodel.eval()
     fmodel.eval()
     with torch.no_grad():
-        want = tmodel(torch.from_numpy(x_nchw)).numpy()
+        want = _host(tmodel(_on(tmodel, x_nchw)))
     return EvalLogits(want, flax_logits(fmodel, jnp.asarray(x_flax), jit))
 
 
@@ -332,7 +348,7 @@ def _batches_seen(model: torch.nn.Module) -> Iterator[dict[str, _BatchSeen]]:
         dims = [d for d in range(x.dim()) if d != 1]
         # momentum None: torch's cumulative average, 1 / (the counter after this call)
         m_used = m.momentum if m.momentum is not None else 1.0 / (int(m.num_batches_tracked) + 1)
-        seen[name] = _BatchSeen(x.mean(dims).numpy(), x.var(dims, unbiased=False).numpy(),
+        seen[name] = _BatchSeen(_host(x.mean(dims)), _host(x.var(dims, unbiased=False)),
                                 x.numel() // x.shape[1], float(m_used))
 
     hooks = [m.register_forward_pre_hook(lambda m, args, name=name: hook(m, args, name))
@@ -522,7 +538,7 @@ class CompareReport:
 
 
 def compare(torch_model: torch.nn.Module, flax_model: nnx.Module, x: Any, y: Any = None, *,
-            jit: bool = False, x_flax: Any = None) -> CompareReport:
+            jit: bool = False, x_flax: Any = None, device: str | torch.device | None = None) -> CompareReport:
     """Hold a torch module and its Flax NNX twin against the parity tolerances on batch ``x``.
 
     ``x`` is the torch input (numpy or a torch tensor; floats run in float32 and, for the train
@@ -532,17 +548,22 @@ def compare(torch_model: torch.nn.Module, flax_model: nnx.Module, x: Any, y: Any
     tensors (else StateDictMismatchError). ``y``: labels of the cross-entropy whose gradients are
     compared, by default ``np.random.RandomState(LABEL_SEED).randint(classes, size=N)``. ``jit``
     runs the Flax forwards and gradient as compiled programs (nets with many layer shapes, e.g.
-    DenseNets). The models are not changed: the checks run on copies. A difference never
-    raises; it is a line of ``failures``, and the table says which check failed.
+    DenseNets). ``device``: where the torch side runs (the copy is moved there; default: where
+    ``torch_model`` is); the Flax side runs on JAX's default device. The models are not changed:
+    the checks run on copies. A difference never raises; it is a line of ``failures``, and the
+    table says which check failed.
     """
     x = _float32(np.ascontiguousarray(to_numpy(x)))
     tmodel, fmodel = copy.deepcopy(torch_model), nnx.clone(flax_model)
+    if device is not None:
+        tmodel.to(device)
     xf = _float32(flax_input(x, tmodel) if x_flax is None else np.ascontiguousarray(to_numpy(x_flax)))
     check_state_dict({k: v.shape for k, v in to_numpy_state_dict(fmodel).items()}, tmodel.state_dict(),
                      what=f"Flax {type(flax_model).__name__}")
 
     title = (f"{type(torch_model).__name__} (torch) vs {type(flax_model).__name__} (Flax), input "
-             f"{tuple(x.shape)} {x.dtype}, Flax input {tuple(xf.shape)}{', jitted' if jit else ''}")
+             f"{tuple(x.shape)} {x.dtype}, Flax input {tuple(xf.shape)}{', jitted' if jit else ''}"
+             + ("" if torch_device(tmodel).type == "cpu" else f", torch on {torch_device(tmodel)}"))
     rep = CompareReport(compare_eval_logits(tmodel, fmodel, x, jit, xf), title)
     lt, lf = rep.eval_logits.torch_out, rep.eval_logits.flax_out
     if lt.ndim != 2:
@@ -583,10 +604,10 @@ def _check_train_forward(rep: CompareReport, tmodel: torch.nn.Module, fmodel: nn
     ``rep`` (with the traps behind a difference); the logits, returned."""
     f_old = to_numpy_state_dict(fmodel)
     with _batches_seen(tmodel) as seen, torch.no_grad():
-        out_t = tmodel(torch.from_numpy(x)).numpy()
+        out_t = _host(tmodel(_on(tmodel, x)))
     out_f = flax_logits(fmodel, jnp.asarray(xf), jit)  # the BN updates are written back to fmodel
     f_sd = to_numpy_state_dict(fmodel)
-    t_sd = {k: v.numpy() for k, v in tmodel.state_dict().items()}
+    t_sd = {k: _host(v) for k, v in tmodel.state_dict().items()}
     untracked = set(torch_only_keys(fmodel))  # nnx.BatchNorm's counter: written as 0, not compared
     rep.bn_stats = {k: scaled_delta(t_sd[k], f_sd[k]) for k in t_sd
                     if k.endswith(BN_STAT_KEYS) and k not in untracked}
@@ -616,9 +637,9 @@ def _check_float64(rep: CompareReport, t64: torch.nn.Module, f_pre: nnx.Module, 
     # the conversion; the float32 ones are held against them for accuracy (F32_ERROR_RATIO).
     x64, xf64 = _float64(x), _float64(xf)
     t64.zero_grad()
-    out_t64 = t64(torch.from_numpy(x64))
-    torch.nn.functional.cross_entropy(out_t64, torch.from_numpy(y)).backward()
-    rep.train_logits64 = out_t64.detach().numpy()
+    out_t64 = t64(_on(t64, x64))
+    torch.nn.functional.cross_entropy(out_t64, _on(t64, y)).backward()
+    rep.train_logits64 = _host(out_t64)
     with jax.enable_x64(True):
         f64 = to_float64(f_pre)
         grads, out_f64 = _call(_grads, jit, f64, jnp.asarray(xf64), jnp.asarray(y))
@@ -630,7 +651,7 @@ def _check_float64(rep: CompareReport, t64: torch.nn.Module, f_pre: nnx.Module, 
             if rep.first_divergence is None:  # eval mode agreed: search the float64 train forward
                 rep.first_divergence = first_divergence(t64, to_float64(f_pre), x64, jit, xf64)
                 rep.divergence_mode = "train, float64"
-    g_t = {n: p.grad.numpy() for n, p in t64.named_parameters() if p.grad is not None}
+    g_t = {n: _host(p.grad) for n, p in t64.named_parameters() if p.grad is not None}
     floor = 1e-6 * max((float(np.max(np.abs(g))) for g in g_t.values() if g.size), default=0.0)
     rep.grads = {n: grad_rel_delta(g, g_f[n], floor) for n, g in g_t.items()}
     if not rep.grads_delta <= GRAD_RTOL:  # NaN fails too

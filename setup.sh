@@ -16,4 +16,7 @@ fi
 
 echo "setup: installing Python packages (torch==2.14.1 and torchvision==0.29.1 are pinned)"
 python -m pip install -q --disable-pip-version-check -e '.[dev]'
+# the CPU convolutions through oneDNN (flaxnets/xla_cpu/onednn.py); without it XLA's own run
+echo "setup: building the oneDNN convolution extension"
+python -m flaxnets.xla_cpu.onednn_build || echo "setup: continuing without it"
 echo "setup: done"

@@ -15,6 +15,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
+import flaxnets.xla_cpu.onednn as onednn
 from flaxnets.xla_cpu.switch import in_loop_body, speedup_on
 
 Array = jax.Array
@@ -26,7 +27,9 @@ def conv_general_dilated(lhs: Array, rhs: Array, window_strides: Sequence[int], 
                          feature_group_count: int = 1, **kw: Any) -> Array:
     """``lax.conv_general_dilated``; on the CPU, in forms XLA:CPU runs faster (same function).
 
-    An unpadded 1x1 conv is a matrix product (``_pointwise``). Inside a BlockStack scan a
+    An unpadded 1x1 conv is a matrix product (``_pointwise``). A float32 conv of more than 8 input
+    channels, one group and no input dilation runs through oneDNN (``onednn.conv``, where its
+    library is built; opt-in, see ``switch.OPT_IN``). Otherwise, inside a BlockStack scan a
     stride-1 conv is ``_loop_conv``; elsewhere an NHWC conv of at most 3 input channels (an
     image) runs forward as a tap sum, one of at most 8 input channels or 8x8 outputs takes its
     input gradient as col2im, and one with a spatial kernel takes its kernel gradient in slices,
@@ -40,6 +43,10 @@ def conv_general_dilated(lhs: Array, rhs: Array, window_strides: Sequence[int], 
     if (cpu_nhwc and speedup_on("pointwise_dots") and rhs.shape[:2] == (1, 1) and lhs_dil == (1, 1)
             and feature_group_count == 1 and pads == ((0, 0), (0, 0))):
         return _pointwise(lhs, rhs, strides, kw.get("precision"))
+    if (cpu_nhwc and speedup_on("onednn_convs") and lhs.dtype == rhs.dtype == jnp.float32
+            and lhs_dil == (1, 1) and feature_group_count == 1 and min(min(p) for p in pads) >= 0
+            and rhs.shape[2] > ONEDNN_MIN_CHANNELS and onednn.available()):
+        return onednn.conv(lhs, rhs, strides, pads, rhs_dil)
     if cpu_nhwc and in_loop_body():
         if plain and rhs_dil == (1, 1):
             return _loop_conv(lhs, rhs, pads, speedup_on("sliced_kernel_grads"))
@@ -172,6 +179,13 @@ COL2IM_MAX_PIXELS = 64  # output pixels per image
 # resnet20 (its unscanned 16- and 32-channel convs) 0.99x. DenseNet's 128->32 lose (0.90x), and
 # so do the first convs of 3 channels (net with them: 0.75x), hence 4-32 channels.
 PLAIN_KERNEL_GRAD_MAX_CHANNELS = 32
+# oneDNN's convs (onednn_convs) take the convs of more input channels than this. Alone, forward
+# and both gradients, oneDNN beat these forms for every net's convs but the dilated net's first
+# (a tap sum: 0.9 against 2.2 ms); in LeNet's step, though, either of its convs through oneDNN
+# (1->6 and 6->16, 5x5) made the step 2-3x slower (0.37x paired, `bench.py --nets lenet
+# --without onednn_convs`), though oneDNN's own time there was 7.6 ms of a 40 ms step: not pinned
+# down, so the convs of a few channels (the first convs, LeNet's) keep the forms above.
+ONEDNN_MIN_CHANNELS = 8
 
 
 def _tap_sum(x: Array, k: Array, padding: tuple[tuple[int, int], ...], dilation: tuple[int, int]) -> Array:

@@ -6,6 +6,7 @@ stacks, so blocks nest."""
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Iterator
 from typing import Any
 
@@ -22,8 +23,15 @@ SPEEDUPS = {
                           " conv with the images as its features",
     "batch_norm_grads": "CPU: the training-mode BatchNorm backward of 32 or more channels written out"
                         " (two reductions and one elementwise pass)",
+    "onednn_convs": "CPU: f32 NHWC convs (forward and both gradients) as XLA FFI custom calls into oneDNN"
+                    " (onednn.py; XLA's own where the library is not built)",
 }
-_off: list[frozenset[str]] = [frozenset()]
+# opt-in speed-ups: on only where their variable is 'on'. onednn_convs (FLAXNETS_ONEDNN_CONVS): its
+# paired gain is clear on resnet20 (1.18-1.27x) but mixed on resnet56 (0.98-1.10x) and net_width
+# (0.91-1.03x), and its custom calls carry no sharding rule for a data mesh
+# (docs/cpu_speedups.md#onednn_convs)
+OPT_IN = {"onednn_convs": "FLAXNETS_ONEDNN_CONVS"}
+_off: list[frozenset[str]] = [frozenset(n for n, var in OPT_IN.items() if os.environ.get(var, "off") != "on")]
 
 
 @contextlib.contextmanager

@@ -1,0 +1,96 @@
+"""The oneDNN convolutions (flaxnets.xla_cpu.onednn) against lax's own, gradients included, and
+the XLA fallback when the library is absent."""
+
+from __future__ import annotations
+
+import os
+import warnings
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from flaxnets import xla_cpu
+from flaxnets.xla_cpu import onednn, switch
+from flaxnets.xla_cpu.conv import _NHWC
+
+needs_onednn = pytest.mark.skipif(not onednn.available(), reason="the oneDNN extension is not built")
+
+# (batch, height, width, in, out, kernel, strides, padding, dilation)
+CASES = [
+    (2, 8, 8, 4, 6, (3, 3), (1, 1), ((1, 1), (1, 1)), (1, 1)),
+    (2, 9, 7, 5, 3, (3, 3), (2, 2), ((1, 1), (1, 1)), (1, 1)),  # odd sizes, stride 2
+    (1, 11, 11, 3, 8, (5, 5), (1, 1), ((2, 2), (2, 2)), (1, 1)),  # batch 1
+    (3, 13, 12, 2, 4, (7, 7), (2, 2), ((3, 3), (3, 3)), (1, 1)),
+    (2, 6, 6, 7, 5, (1, 1), (1, 1), ((0, 0), (0, 0)), (1, 1)),
+    (2, 7, 7, 6, 4, (1, 1), (2, 2), ((0, 0), (0, 0)), (1, 1)),
+    (2, 12, 12, 4, 4, (3, 3), (1, 1), ((0, 0), (0, 0)), (2, 2)),  # dilation
+    (2, 10, 11, 3, 5, (3, 3), (1, 2), ((2, 2), (2, 2)), (2, 1)),
+    (2, 8, 8, 4, 4, (3, 3), (2, 2), ((0, 1), (1, 0)), (1, 1)),  # asymmetric ("SAME" of stride 2)
+    (1, 9, 9, 16, 16, (3, 3), (2, 2), ((1, 1), (1, 1)), (1, 1)),  # VALID drops a row and column
+]
+
+
+def _lax(x, k, strides, padding, dilation):
+    return jax.lax.conv_general_dilated(x, k, strides, padding, rhs_dilation=dilation, dimension_numbers=_NHWC,
+                                        precision=jax.lax.Precision.HIGHEST)
+
+
+@needs_onednn
+@pytest.mark.parametrize("case", CASES, ids=lambda c: f"{c[5][0]}x{c[5][1]}s{c[6][0]}{c[6][1]}d{c[8][0]}{c[8][1]}")
+def test_forward_and_gradients_match_lax(case):
+    n, h, w, ci, co, kernel, strides, padding, dilation = case
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.standard_normal((n, h, w, ci)), jnp.float32)
+    k = jnp.asarray(rng.standard_normal((*kernel, ci, co)), jnp.float32)
+    want, want_vjp = jax.vjp(lambda a, b: _lax(a, b, strides, padding, dilation), x, k)
+    got, got_vjp = jax.vjp(jax.jit(lambda a, b: onednn.conv(a, b, strides, padding, dilation)), x, k)
+    g = jnp.asarray(rng.standard_normal(want.shape), jnp.float32)
+    for a, b in zip((got, *got_vjp(g)), (want, *want_vjp(g))):
+        assert a.shape == b.shape and a.dtype == b.dtype
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4 * float(jnp.max(jnp.abs(b))))
+
+
+@pytest.fixture
+def onednn_on(monkeypatch):
+    """The layers route convs to oneDNN (opt-in: FLAXNETS_ONEDNN_CONVS=on)."""
+    monkeypatch.setattr(switch, "_off", [frozenset()])
+
+
+def test_the_onednn_convs_are_opt_in():
+    assert xla_cpu.speedup_on("onednn_convs") == (os.environ.get("FLAXNETS_ONEDNN_CONVS") == "on")
+
+
+def _custom_calls(x, k, **kw) -> int:
+    f = jax.jit(jax.grad(lambda a, b: jnp.sum(xla_cpu.conv_general_dilated(a, b, (1, 1), ((1, 1), (1, 1)),
+                                                                            dimension_numbers=_NHWC, **kw) ** 2),
+                         (0, 1)))
+    return f.lower(x, k).as_text().count("flaxnets_onednn_conv")
+
+
+@needs_onednn
+def test_layers_route_float32_convs_only(onednn_on):
+    """float32 convs of more than 8 input channels take the oneDNN calls (forward and both
+    gradients); float64 keeps XLA's, which the float64 parity checks rely on, and so do
+    ``without("onednn_convs")`` and the convs of a few channels (LeNet's, the first convs)."""
+    x, k = jnp.ones((2, 6, 6, 16)), jnp.ones((3, 3, 16, 4))
+    assert _custom_calls(x, k) == 3
+    assert _custom_calls(jnp.ones((2, 6, 6, 8)), jnp.ones((3, 3, 8, 4))) == 0
+    with xla_cpu.without("onednn_convs"):
+        assert _custom_calls(x, k) == 0
+    with jax.enable_x64(True):
+        assert _custom_calls(x.astype(jnp.float64), k.astype(jnp.float64)) == 0
+
+
+def test_without_the_library_xla_runs_and_says_so_once(onednn_on, monkeypatch):
+    monkeypatch.setattr(onednn, "_state", {"error": "_onednn_conv.so did not load (test)"})
+    x, k = jnp.ones((2, 6, 6, 16)), jnp.ones((3, 3, 16, 4))
+    with pytest.warns(RuntimeWarning, match="keep XLA's own kernels"):
+        assert _custom_calls(x, k) == 0
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert _custom_calls(x, k) == 0
+        got = xla_cpu.conv_general_dilated(x, k, (1, 1), ((1, 1), (1, 1)), dimension_numbers=_NHWC)
+    np.testing.assert_allclose(got, _lax(x, k, (1, 1), ((1, 1), (1, 1)), (1, 1)), rtol=1e-6)
+    assert onednn.version() is None

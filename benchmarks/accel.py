@@ -42,6 +42,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from benchmarks.flops import matmul_peak
+from benchmarks.report import num, replace_section, variant_cell
 
 if TYPE_CHECKING:
     from benchmarks.throughput import Case
@@ -380,17 +381,6 @@ def _e(x: float | None) -> str:
     return "—" if x is None or x != x else f"{x:.1e}"
 
 
-def _n(x: float | None, fmt: str = ",.0f", unit: str = "") -> str:
-    return "—" if x is None else format(x, fmt) + unit
-
-
-def _cell(row: dict[str, Any], v: str) -> str:
-    r = row["variants"].get(v)
-    if r is None:
-        return "not run"
-    return _n(r["median_images_per_s"]) if r["status"] == "ok" else r["status"].split(":")[0]
-
-
 def format_markdown(rep: dict[str, Any]) -> str:
     """The report's markdown: the machine, then parity, throughput and training tables."""
     d = rep["device"]
@@ -438,11 +428,12 @@ def format_markdown(rep: dict[str, Any]) -> str:
             vs = row["variants"]
             comp = [vs.get(v, {}).get("compile_seconds") for v in ("jax", "torch_compile")]
             bf = row.get("bf16_over_fp32", {}).get("jax")
-            lines.append(f"{head} {' | '.join(_cell(row, v) for v in VARIANTS)} | "
-                         f"{_n(row['jax_over_best_eager'], '.2f', '×')} | "
-                         f"{_n(row['jax_over_torch_compile'], '.2f', '×')} | "
-                         f"{_n(bf, '.2f', '×')} | {_n(pct.get('jax'), '.1f')} / {_n(best_t, '.1f')} | "
-                         f"{_n(comp[0], '.1f')} / {_n(comp[1], '.1f')} |")
+            cells = " | ".join(variant_cell(vs[v]) if v in vs else "not run" for v in VARIANTS)
+            lines.append(f"{head} {cells} | "
+                         f"{num(row['jax_over_best_eager'], '.2f', '×')} | "
+                         f"{num(row['jax_over_torch_compile'], '.2f', '×')} | "
+                         f"{num(bf, '.2f', '×')} | {num(pct.get('jax'), '.1f')} / {num(best_t, '.1f')} | "
+                         f"{num(comp[0], '.1f')} / {num(comp[1], '.1f')} |")
         lines.append("")
     tr = rep.get("training")
     if tr:
@@ -470,8 +461,6 @@ def section_markers(kind: str) -> tuple[str, str]:
 def write_docs(md: str, kind: str, path: Path = DOCS) -> None:
     """Replace the text between ``kind``'s markers in ``path`` with ``md``; a file without exactly
     one pair is an error (``benchmarks.report.SectionError``) and is not touched."""
-    from benchmarks.report import replace_section
-
     path.write_text(replace_section(path.read_text(), md, str(path), section_markers(kind)))
 
 

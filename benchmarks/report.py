@@ -24,14 +24,15 @@ BEGIN, END = "<!-- bench:begin -->", "<!-- bench:end -->"
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _num(x: float | None, fmt: str = ",.0f") -> str:
-    return "—" if x is None else format(x, fmt)
+def num(x: float | None, fmt: str = ",.0f", unit: str = "") -> str:
+    """A table cell: ``x`` formatted with ``unit`` after it, or '—' where there is no value."""
+    return "—" if x is None else format(x, fmt) + unit
 
 
 def variant_cell(r: dict[str, Any]) -> str:
     """A variant's table cell: its median img/s, else 'failed' or 'timeout'."""
     if r["status"] == "ok":
-        return _num(r["median_images_per_s"])
+        return num(r["median_images_per_s"])
     return r["status"].split(":")[0]  # 'failed' or 'timeout'
 
 
@@ -58,9 +59,9 @@ def format_table(report: dict[str, Any]) -> str:
         precision = row.get("precision", "fp32")
         cells = [row["net"] + (f" ({precision})" if precision != "fp32" else ""), str(row["batch"]), "×".join(map(str, row["input"])),
                  *(variant_cell(vs[v]) if v in vs else "not run" for v in VARIANTS),
-                 _num(row["jax_over_best_eager"], ".2f") + ("×" if row["jax_over_best_eager"] else ""),
-                 f"{_num(pct.get('jax'), '.1f')} / {_num(best_t, '.1f')}",
-                 f"{_num(comp[0], '.1f')} / {_num(comp[1], '.1f')}"]
+                 num(row["jax_over_best_eager"], ".2f") + ("×" if row["jax_over_best_eager"] else ""),
+                 f"{num(pct.get('jax'), '.1f')} / {num(best_t, '.1f')}",
+                 f"{num(comp[0], '.1f')} / {num(comp[1], '.1f')}"]
         lines.append("| " + " | ".join(cells) + " |")
     peak = report["peak"]
     m = report["machine"]
@@ -93,9 +94,9 @@ def format_ablation(report: dict[str, Any]) -> str:
              "|---|---:|---:|---:|---:|"]
     for row in report["nets"]:
         vs, ratio = row["variants"], row.get("jax_over_ablated")
-        comp = [_num(vs[v].get("compile_seconds"), ".1f") for v in ("jax", ABLATED)]
+        comp = [num(vs[v].get("compile_seconds"), ".1f") for v in ("jax", ABLATED)]
         lines.append(f"| {row['net']} | {variant_cell(vs['jax'])} | {variant_cell(vs[ABLATED])} | "
-                     f"{_num(ratio, '.2f') + ('×' if ratio else '')} | {comp[0]} / {comp[1]} |")
+                     f"{num(ratio, '.2f') + ('×' if ratio else '')} | {comp[0]} / {comp[1]} |")
     return "\n".join(lines + ["", "Same engine, traced with and without them, timed interleaved "
                                    "with the variants above (same function, same data)."])
 
@@ -109,8 +110,8 @@ def format_e2e(e2e: dict[str, dict[str, Any]]) -> str:
              "|---|---:|---:|---:|"]
     for run in e2e.values():
         ok = run["status"] == "ok"
-        speed = _num(base / run["wall_seconds"], ".2f") + "×" if ok and base else "—"
-        acc = _num(run.get("test_acc"), ".4f") if ok else run["status"][:60]
+        speed = num(base / run["wall_seconds"], ".2f") + "×" if ok and base else "—"
+        acc = num(run.get("test_acc"), ".4f") if ok else run["status"][:60]
         lines.append(f"| {run['label']} | {run['wall_seconds']:.1f} | {acc} | {speed} |")
     for key, when in (("jax", "first run"), ("jax_warm", "compilation cached")):
         jax_run = e2e.get(key)

@@ -45,14 +45,14 @@ def _jax_step(x: jax.Array, k: jax.Array, stride: int, onednn_layout: int | None
     def loss(a: jax.Array, b: jax.Array) -> jax.Array:
         return jnp.sum(xla_cpu.conv_general_dilated(a, b, (stride, stride), pads, dimension_numbers=_NHWC) ** 2)
 
-    saved = switch._off[:], onednn.LAYOUT
-    switch._off[:] = [frozenset({"onednn_convs"}) if onednn_layout is None else frozenset()]
-    onednn.LAYOUT = saved[1] if onednn_layout is None else onednn_layout
+    saved = onednn.LAYOUT
+    onednn.LAYOUT = saved if onednn_layout is None else onednn_layout
     try:
-        step = jax.jit(jax.value_and_grad(loss, (0, 1))).lower(x, k).compile(
-            {} if onednn_layout is not None else CPU_COMPILE_OPTIONS["resnet20"])
+        with switch.without("onednn_convs") if onednn_layout is None else switch.using("onednn_convs"):
+            step = jax.jit(jax.value_and_grad(loss, (0, 1))).lower(x, k).compile(
+                {} if onednn_layout is not None else CPU_COMPILE_OPTIONS["resnet20"])
     finally:
-        switch._off[:], onednn.LAYOUT = saved
+        onednn.LAYOUT = saved
     return lambda: jax.block_until_ready(step(x, k))
 
 

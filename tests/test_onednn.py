@@ -53,9 +53,10 @@ def test_forward_and_gradients_match_lax(case):
 
 
 @pytest.fixture
-def onednn_on(monkeypatch):
+def onednn_on():
     """The layers route convs to oneDNN (opt-in: FLAXNETS_ONEDNN_CONVS=on)."""
-    monkeypatch.setattr(switch, "_off", [frozenset()])
+    with switch.using("onednn_convs"):
+        yield
 
 
 def test_the_onednn_convs_are_opt_in():

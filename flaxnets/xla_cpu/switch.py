@@ -44,13 +44,24 @@ def _pushed(stack: list[Any], value: Any) -> Iterator[None]:
         stack.pop()
 
 
-@contextlib.contextmanager
-def without(*names: str) -> Iterator[None]:
-    """Within the block, models trace without the named ``SPEEDUPS``."""
+def _known(names: tuple[str, ...]) -> set[str]:
     unknown = [n for n in names if n not in SPEEDUPS]
     if unknown:
         raise ValueError(f"unknown speed-up {unknown[0]!r}; valid: {', '.join(SPEEDUPS)}")
-    with _pushed(_off, _off[-1] | set(names)):
+    return set(names)
+
+
+@contextlib.contextmanager
+def without(*names: str) -> Iterator[None]:
+    """Within the block, models trace without the named ``SPEEDUPS``."""
+    with _pushed(_off, _off[-1] | _known(names)):
+        yield
+
+
+@contextlib.contextmanager
+def using(*names: str) -> Iterator[None]:
+    """Within the block, models trace with the named ``SPEEDUPS``, opt-in ones (``OPT_IN``) included."""
+    with _pushed(_off, _off[-1] - _known(names)):
         yield
 
 

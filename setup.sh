@@ -5,13 +5,18 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 
+# Debian packages: FashionMNIST, and tcmalloc, which the training and benchmark scripts run
+# under (flaxnets/host_malloc.py)
 FMNIST=/usr/share/datasets/fashion-mnist
-if [ ! -f "$FMNIST/train-images-idx3-ubyte.gz" ]; then
+DEBS=""
+[ -f "$FMNIST/train-images-idx3-ubyte.gz" ] || DEBS="dataset-fashion-mnist"
+ls /usr/lib/*-linux-gnu/libtcmalloc_minimal.so.4 >/dev/null 2>&1 || DEBS="$DEBS libtcmalloc-minimal4"
+if [ -n "$DEBS" ]; then
   SUDO=""
   [ "$(id -u)" -ne 0 ] && SUDO="sudo"
-  echo "setup: installing FashionMNIST (Debian package dataset-fashion-mnist)"
+  echo "setup: installing Debian packages:$DEBS"
   $SUDO apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq dataset-fashion-mnist >/dev/null
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq $DEBS >/dev/null
 fi
 
 echo "setup: installing Python packages (torch==2.14.1 and torchvision==0.29.1 are pinned)"

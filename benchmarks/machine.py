@@ -9,11 +9,13 @@ from typing import Any
 
 
 def machine_info() -> dict[str, Any]:
-    """CPU model, cores, load, thread settings and library versions of this run."""
+    """CPU model, cores, load, thread and malloc settings and library versions of this run."""
     import importlib.metadata as md
 
     import jax
     import torch
+
+    from flaxnets.host_malloc import active_malloc
 
     model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                   if line.startswith("model name")), platform.processor())
@@ -29,4 +31,5 @@ def machine_info() -> dict[str, Any]:
             "torch_threads": torch.get_num_threads(),
             "torch_inductor_cache": os.environ.get("TORCHINDUCTOR_CACHE_DIR", "default (on disk)"),
             "XLA_FLAGS": os.environ.get("XLA_FLAGS", ""),
+            "malloc": active_malloc(),  # both frameworks' allocator (flaxnets/host_malloc.py)
             "versions": versions}

@@ -11,7 +11,10 @@ from __future__ import annotations
 
 import sys
 
-from benchmarks.cli import main
-
 if __name__ == "__main__":
+    from flaxnets.host_malloc import run_under_tcmalloc
+
+    run_under_tcmalloc()  # both frameworks on the allocator training runs on (host_malloc.py)
+    from benchmarks.cli import main
+
     sys.exit(main())

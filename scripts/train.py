@@ -383,4 +383,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    from flaxnets.host_malloc import run_under_tcmalloc
+
+    run_under_tcmalloc()  # XLA's per-step block stays mapped between steps (host_malloc.py)
     sys.exit(main())

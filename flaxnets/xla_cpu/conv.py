@@ -183,8 +183,10 @@ PLAIN_KERNEL_GRAD_MAX_CHANNELS = 32
 # and both gradients, oneDNN beat these forms for every net's convs but the dilated net's first
 # (a tap sum: 0.9 against 2.2 ms); in LeNet's step, though, either of its convs through oneDNN
 # (1->6 and 6->16, 5x5) made the step 2-3x slower (0.37x paired, `bench.py --nets lenet
-# --without onednn_convs`), though oneDNN's own time there was 7.6 ms of a 40 ms step: not pinned
-# down, so the convs of a few channels (the first convs, LeNet's) keep the forms above.
+# --without onednn_convs`): the fusion of the max pool's backward with the sigmoid's derivative
+# that feeds the custom call takes 25.7 ms of a 37 ms step (3.1 ms in XLA's step; `jax.profiler`),
+# so the convs of a few channels (the first convs, LeNet's) keep the forms above
+# (docs/cpu_speedups.md#onednn_convs).
 ONEDNN_MIN_CHANNELS = 8
 
 

@@ -14,7 +14,7 @@ ls /usr/lib/*-linux-gnu/libtcmalloc_minimal.so.4 >/dev/null 2>&1 || DEBS="$DEBS 
 if [ -n "$DEBS" ]; then
   SUDO=""
   [ "$(id -u)" -ne 0 ] && SUDO="sudo"
-  echo "setup: installing Debian packages:$DEBS"
+  echo "setup: installing Debian packages: ${DEBS# }"
   $SUDO apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq $DEBS >/dev/null
 fi

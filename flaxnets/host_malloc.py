@@ -6,7 +6,7 @@ hold it) and munmaps it when freed, so every step faults all its pages in again:
 faults and ~230 ms of kernel time per resnet20 step on the 2-core AMD EPYC (`perf record -e
 syscalls:sys_enter_mmap --call-graph dwarf` traces the mmap to ``CpuDeviceMemory::AllocateInto``).
 glibc's own settings cannot keep it without a single arena, which slows the small nets' steps
-1.3-2x; tcmalloc keeps it with per-thread caches (docs/cpu_speedups.md#tcmalloc).
+1.2-2x; tcmalloc keeps it with per-thread caches (docs/cpu_speedups.md#tcmalloc).
 
 A preload only takes effect at process start, so ``run_under_tcmalloc`` re-executes the script
 with ``LD_PRELOAD`` set, before anything heavy is imported. Both frameworks of a benchmark then

@@ -10,9 +10,12 @@ it did not, the first caller is told once (a warning) and keeps XLA's own convol
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import functools
+import os
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
 import jax
@@ -20,6 +23,8 @@ import numpy as np
 
 Array = jax.Array
 LIBRARY = Path(__file__).with_name("_onednn_conv.so")
+# beside it, oneDNN's library and an OpenMP runtime of its own (why: onednn_build.py)
+LOCAL_DNNL, LOCAL_GOMP = "libdnnl.so.3", "libgomp-flaxnets.so.1"
 _TARGETS = {"fwd": "OnednnConvFwd", "bwd_data": "OnednnConvBwdData", "bwd_weights": "OnednnConvBwdWeights"}
 # How oneDNN lays out what it works on (the handlers' layout attribute): 0 the NHWC/HWIO buffers
 # as they are (oneDNN 3.2 then runs im2col + GEMM), 1 its own blocked formats for everything
@@ -32,13 +37,36 @@ LAYOUT = 2
 _state: dict[str, object] = {}
 
 
+# Spins of an idle oneDNN thread before it sleeps. libgomp's default, 300,000 (~3 ms), holds a
+# core that XLA's fusions between two convs want; libgomp itself spins only 100 once it manages
+# more threads than there are cores, which is where oneDNN's teams for two XLA threads put it, so
+# 100 from the start. Read by the runtime once, when it loads.
+SPIN_COUNT = 100
+
+
+@contextlib.contextmanager
+def _spin_count() -> Iterator[None]:
+    """Within the block, GOMP_SPINCOUNT is SPIN_COUNT unless the user set an OpenMP wait policy."""
+    if "GOMP_SPINCOUNT" in os.environ or "OMP_WAIT_POLICY" in os.environ:
+        yield
+        return
+    os.environ["GOMP_SPINCOUNT"] = str(SPIN_COUNT)
+    try:
+        yield
+    finally:
+        del os.environ["GOMP_SPINCOUNT"]
+
+
 def _load() -> str | None:
     """Load the library and register its handlers with XLA; the reason it is unavailable, or None."""
     if "error" in _state:
         return _state["error"]  # type: ignore[return-value]
     error = None
     try:
-        lib = ctypes.CDLL(str(LIBRARY))
+        # DEEPBIND: oneDNN's calls into OpenMP bind to its own runtime even where torch's libgomp
+        # is global in the process
+        with _spin_count():
+            lib = ctypes.CDLL(str(LIBRARY), mode=os.RTLD_LOCAL | os.RTLD_DEEPBIND)
         for name, symbol in _TARGETS.items():
             jax.ffi.register_ffi_target(f"flaxnets_onednn_conv_{name}", jax.ffi.pycapsule(getattr(lib, symbol)),
                                         platform="cpu")

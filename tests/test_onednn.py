@@ -4,6 +4,8 @@ the XLA fallback when the library is absent."""
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import warnings
 
 import jax
@@ -54,13 +56,61 @@ def test_forward_and_gradients_match_lax(case):
 
 @pytest.fixture
 def onednn_on():
-    """The layers route convs to oneDNN (opt-in: FLAXNETS_ONEDNN_CONVS=on)."""
+    """The layers route convs to oneDNN, whatever FLAXNETS_ONEDNN_CONVS says."""
     with switch.using("onednn_convs"):
         yield
 
 
-def test_the_onednn_convs_are_opt_in():
-    assert xla_cpu.speedup_on("onednn_convs") == (os.environ.get("FLAXNETS_ONEDNN_CONVS") == "on")
+def _python(code: str, **env: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, **env})
+
+
+_ROUTED = """
+import jax, jax.numpy as jnp
+from flaxnets import xla_cpu
+from flaxnets.xla_cpu.conv import _NHWC
+f = lambda a, b: xla_cpu.conv_general_dilated(a, b, (1, 1), ((1, 1), (1, 1)), dimension_numbers=_NHWC)
+print(jax.jit(f).lower(jnp.ones((2, 6, 6, 16)), jnp.ones((3, 3, 16, 4))).as_text().count("flaxnets_onednn_conv"))
+"""
+
+
+@needs_onednn
+@pytest.mark.parametrize("setting, calls", [(None, 1), ("off", 0), ("on", 1)])
+def test_the_onednn_convs_are_on_unless_their_variable_says_off(setting, calls):
+    env = {} if setting is None else {"FLAXNETS_ONEDNN_CONVS": setting}
+    if setting is None:
+        env["FLAXNETS_ONEDNN_CONVS"] = ""  # unset in effect: only 'off' turns them off
+    done = _python(_ROUTED, **env)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert int(done.stdout.split()[-1]) == calls
+
+
+@needs_onednn
+def test_several_devices_keep_xlas_convs():
+    """The custom calls carry no sharding rule: with more than one device the layers keep XLA's."""
+    done = _python(_ROUTED, XLA_FLAGS="--xla_force_host_platform_device_count=2")
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert int(done.stdout.split()[-1]) == 0
+
+
+@needs_onednn
+def test_onednn_runs_on_an_openmp_runtime_of_its_own(tmp_path):
+    """Where torch is imported its libgomp is global; oneDNN's OpenMP calls still bind to the copy
+    beside the extension, so that torch's teams keep their own count of threads (onednn_build.py)."""
+    code = ("import torch, jax, jax.numpy as jnp\nfrom flaxnets.xla_cpu import onednn\nassert onednn.available()\n"
+            "f = jax.jit(lambda a, b: onednn.conv(a, b, (1, 1), ((1, 1), (1, 1)), (1, 1)))\n"
+            "print(float(f(jnp.ones((2, 6, 6, 16)), jnp.ones((3, 3, 16, 4))).sum()))")
+    done = _python(code, LD_DEBUG="bindings", LD_DEBUG_OUTPUT=str(tmp_path / "ld"))
+    assert done.returncode == 0, done.stderr[-2000:]
+    # ones through a padded 3x3 conv: each output sums the taps inside the 6x6 image (2, 3, 3, 3, 3, 2
+    # a row) times 16 channels; 2 images x 4 outputs
+    assert float(done.stdout.split()[-1]) == 2 * 4 * 16 * (2 + 3 * 4 + 2) ** 2
+    dnnl = str(onednn.LIBRARY.parent / onednn.LOCAL_DNNL)
+    targets = {line.split(" to ")[1].split(" [")[0]
+               for f in tmp_path.glob("ld.*") for line in f.read_text(errors="replace").splitlines()
+               if f"file {dnnl} [" in line and "GOMP_" in line}
+    assert targets == {str(onednn.LIBRARY.parent / onednn.LOCAL_GOMP)}
 
 
 def _custom_calls(x, k, **kw) -> int:

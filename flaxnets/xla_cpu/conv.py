@@ -28,8 +28,8 @@ def conv_general_dilated(lhs: Array, rhs: Array, window_strides: Sequence[int], 
     """``lax.conv_general_dilated``; on the CPU, in forms XLA:CPU runs faster (same function).
 
     An unpadded 1x1 conv is a matrix product (``_pointwise``). A float32 conv of more than 8 input
-    channels, one group and no input dilation runs through oneDNN (``onednn.conv``, where its
-    library is built; opt-in, see ``switch.OPT_IN``). Otherwise, inside a BlockStack scan a
+    channels, one group and no input dilation runs through oneDNN (``onednn.conv``) where its
+    library is built and the program runs on one device. Otherwise, inside a BlockStack scan a
     stride-1 conv is ``_loop_conv``; elsewhere an NHWC conv of at most 3 input channels (an
     image) runs forward as a tap sum, one of at most 8 input channels or 8x8 outputs takes its
     input gradient as col2im, and one with a spatial kernel takes its kernel gradient in slices,
@@ -45,7 +45,7 @@ def conv_general_dilated(lhs: Array, rhs: Array, window_strides: Sequence[int], 
         return _pointwise(lhs, rhs, strides, kw.get("precision"))
     if (cpu_nhwc and speedup_on("onednn_convs") and lhs.dtype == rhs.dtype == jnp.float32
             and lhs_dil == (1, 1) and feature_group_count == 1 and min(min(p) for p in pads) >= 0
-            and rhs.shape[2] > ONEDNN_MIN_CHANNELS and onednn.available()):
+            and rhs.shape[2] > ONEDNN_MIN_CHANNELS and jax.device_count() == 1 and onednn.available()):
         return onednn.conv(lhs, rhs, strides, pads, rhs_dil)
     if cpu_nhwc and in_loop_body():
         if plain and rhs_dil == (1, 1):
@@ -186,7 +186,8 @@ PLAIN_KERNEL_GRAD_MAX_CHANNELS = 32
 # --without onednn_convs`): the fusion of the max pool's backward with the sigmoid's derivative
 # that feeds the custom call takes 25.7 ms of a 37 ms step (3.1 ms in XLA's step; `jax.profiler`),
 # so the convs of a few channels (the first convs, LeNet's) keep the forms above
-# (docs/cpu_speedups.md#onednn_convs).
+# (docs/cpu_speedups.md#onednn_convs). On one device only: the custom calls carry no sharding
+# rule, so under a data mesh of several devices XLA would gather each conv's operands onto all.
 ONEDNN_MIN_CHANNELS = 8
 
 

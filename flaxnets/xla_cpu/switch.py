@@ -26,12 +26,10 @@ SPEEDUPS = {
     "onednn_convs": "CPU: f32 NHWC convs (forward and both gradients) as XLA FFI custom calls into oneDNN"
                     " (onednn.py; XLA's own where the library is not built)",
 }
-# opt-in speed-ups: on only where their variable is 'on'. onednn_convs (FLAXNETS_ONEDNN_CONVS): its
-# paired gain is clear on resnet20 (1.18-1.27x) but mixed on resnet56 (0.98-1.10x) and net_width
-# (0.91-1.03x), and its custom calls carry no sharding rule for a data mesh
-# (docs/cpu_speedups.md#onednn_convs)
-OPT_IN = {"onednn_convs": "FLAXNETS_ONEDNN_CONVS"}
-_off: list[frozenset[str]] = [frozenset(n for n, var in OPT_IN.items() if os.environ.get(var, "off") != "on")]
+# speed-ups a variable turns off for the whole process where it is 'off': onednn_convs
+# (FLAXNETS_ONEDNN_CONVS), the one that runs code of another library (docs/cpu_speedups.md#onednn_convs)
+OPT_OUT = {"onednn_convs": "FLAXNETS_ONEDNN_CONVS"}
+_off: list[frozenset[str]] = [frozenset(n for n, var in OPT_OUT.items() if os.environ.get(var) == "off")]
 
 
 @contextlib.contextmanager
@@ -60,7 +58,7 @@ def without(*names: str) -> Iterator[None]:
 
 @contextlib.contextmanager
 def using(*names: str) -> Iterator[None]:
-    """Within the block, models trace with the named ``SPEEDUPS``, opt-in ones (``OPT_IN``) included."""
+    """Within the block, models trace with the named ``SPEEDUPS``, even those turned off outside it."""
     with _pushed(_off, _off[-1] - _known(names)):
         yield
 

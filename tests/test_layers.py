@@ -20,8 +20,8 @@ from flaxnets.xla_cpu.conv import _loop_conv
 
 @pytest.fixture(autouse=True)
 def xla_convs():
-    """These tests pin the XLA:CPU forms, which convs of more than 8 channels take where the oneDNN
-    ones are off or not built (tests/test_onednn.py covers those)."""
+    """These tests pin the XLA:CPU forms: of the convs oneDNN does not take, and of every conv where
+    the oneDNN ones are off or not built (tests/test_onednn.py covers those)."""
     with xla_cpu.without("onednn_convs"):
         yield
 

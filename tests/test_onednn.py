@@ -122,12 +122,15 @@ def _custom_calls(x, k, **kw) -> int:
 
 @needs_onednn
 def test_layers_route_float32_convs_only(onednn_on):
-    """float32 convs of more than 8 input channels take the oneDNN calls (forward and both
-    gradients); float64 keeps XLA's, which the float64 parity checks rely on, and so do
-    ``without("onednn_convs")`` and the convs of a few channels (LeNet's, the first convs)."""
+    """float32 convs of 9-64 input channels take the oneDNN calls (forward and both gradients);
+    float64 keeps XLA's, which the float64 parity checks rely on, and so do
+    ``without("onednn_convs")``, the convs of a few channels (LeNet's, the first convs) and those
+    of more than 64 (DenseNet's)."""
     x, k = jnp.ones((2, 6, 6, 16)), jnp.ones((3, 3, 16, 4))
     assert _custom_calls(x, k) == 3
     assert _custom_calls(jnp.ones((2, 6, 6, 8)), jnp.ones((3, 3, 8, 4))) == 0
+    assert _custom_calls(jnp.ones((2, 6, 6, 64)), jnp.ones((3, 3, 64, 4))) == 3
+    assert _custom_calls(jnp.ones((2, 6, 6, 65)), jnp.ones((3, 3, 65, 4))) == 0  # DenseNet's 128 keep XLA's
     with xla_cpu.without("onednn_convs"):
         assert _custom_calls(x, k) == 0
     with jax.enable_x64(True):

@@ -27,7 +27,7 @@ def conv_general_dilated(lhs: Array, rhs: Array, window_strides: Sequence[int], 
                          feature_group_count: int = 1, **kw: Any) -> Array:
     """``lax.conv_general_dilated``; on the CPU, in forms XLA:CPU runs faster (same function).
 
-    An unpadded 1x1 conv is a matrix product (``_pointwise``). A float32 conv of more than 8 input
+    An unpadded 1x1 conv is a matrix product (``_pointwise``). A float32 conv of 9-64 input
     channels, one group and no input dilation runs through oneDNN (``onednn.conv``) where its
     library is built and the program runs on one device. Otherwise, inside a BlockStack scan a
     stride-1 conv is ``_loop_conv``; elsewhere an NHWC conv of at most 3 input channels (an
@@ -45,7 +45,8 @@ def conv_general_dilated(lhs: Array, rhs: Array, window_strides: Sequence[int], 
         return _pointwise(lhs, rhs, strides, kw.get("precision"))
     if (cpu_nhwc and speedup_on("onednn_convs") and lhs.dtype == rhs.dtype == jnp.float32
             and lhs_dil == (1, 1) and feature_group_count == 1 and min(min(p) for p in pads) >= 0
-            and rhs.shape[2] > ONEDNN_MIN_CHANNELS and jax.device_count() == 1 and onednn.available()):
+            and ONEDNN_MIN_CHANNELS < rhs.shape[2] <= ONEDNN_MAX_CHANNELS and jax.device_count() == 1
+            and onednn.available()):
         return onednn.conv(lhs, rhs, strides, pads, rhs_dil)
     if cpu_nhwc and in_loop_body():
         if plain and rhs_dil == (1, 1):
@@ -189,6 +190,11 @@ PLAIN_KERNEL_GRAD_MAX_CHANNELS = 32
 # (docs/cpu_speedups.md#onednn_convs). On one device only: the custom calls carry no sharding
 # rule, so under a data mesh of several devices XLA would gather each conv's operands onto all.
 ONEDNN_MIN_CHANNELS = 8
+# ... and at most this many: DenseNet-121's 3x3 128->32 convs, faster alone through oneDNN (forward
+# + kernel gradient 40.5 -> 33.4 ms), gave its step nothing in four paired runs (0.89x, 0.97x,
+# 0.99x, 1.06x; `bench.py --nets densenet121 --without onednn_convs`), so they keep the forms above.
+# The ResNets' steps, whose convs have 16-64, gain 1.3-1.6x.
+ONEDNN_MAX_CHANNELS = 64
 
 
 def _tap_sum(x: Array, k: Array, padding: tuple[tuple[int, int], ...], dilation: tuple[int, int]) -> Array:

@@ -9,13 +9,15 @@ from typing import Any
 
 
 def machine_info() -> dict[str, Any]:
-    """CPU model, cores, load, thread and malloc settings and library versions of this run."""
+    """CPU model, cores, load, thread and malloc settings, whether the convs ran through oneDNN,
+    and library versions of this run."""
     import importlib.metadata as md
 
     import jax
     import torch
 
     from flaxnets.host_malloc import active_malloc
+    from flaxnets.xla_cpu import onednn, switch
 
     model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                   if line.startswith("model name")), platform.processor())
@@ -32,4 +34,6 @@ def machine_info() -> dict[str, Any]:
             "torch_inductor_cache": os.environ.get("TORCHINDUCTOR_CACHE_DIR", "default (on disk)"),
             "XLA_FLAGS": os.environ.get("XLA_FLAGS", ""),
             "malloc": active_malloc(),  # both frameworks' allocator (flaxnets/host_malloc.py)
+            # the version JAX's CPU convs of 9-64 channels ran through (onednn_convs), or "off"
+            "onednn_convs": (onednn.version() or "off") if switch.speedup_on("onednn_convs") else "off",
             "versions": versions}

@@ -76,7 +76,8 @@ def format_table(report: dict[str, Any]) -> str:
               f"variant's time / JAX's in the same round; compile s: JAX engine build (train+eval "
               f"step, cold), torch.compile first epoch minus a steady one (torch's on-disk caches: warm after a first run). "
               f"{m['cpu']}, {m['cores']} cores, torch threads {m['torch_threads']}, "
-              f"{'malloc ' + m['malloc'] + ', ' if 'malloc' in m else ''}load average "
+              f"{'malloc ' + m['malloc'] + ', ' if 'malloc' in m else ''}"
+              f"{'oneDNN convs ' + m['onednn_convs'] + ', ' if 'onednn_convs' in m else ''}load average "
               f"{m['loadavg_start'][0]:.1f} → {report['loadavg_end'][0]:.1f}."]
     left_out = [n for n in list_nets() if n not in report["settings"]["nets"]]
     if left_out:

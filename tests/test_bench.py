@@ -11,6 +11,8 @@ import numpy as np
 import pytest
 
 from benchmarks import e2e, flops, report, throughput
+from flaxnets import xla_cpu
+from flaxnets.xla_cpu import onednn
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -117,8 +119,6 @@ def test_settling_epochs_keep_the_switch_between_variants_out_of_the_timing(monk
 def test_the_ablated_engine_is_traced_without_the_named_speedups(monkeypatch):
     import importlib
 
-    from flaxnets import xla_cpu
-
     pool = importlib.import_module("flaxnets.xla_cpu.pool")  # the module; xla_cpu.pool is its function
 
     pooled = []
@@ -198,6 +198,8 @@ def test_bench_script_prints_the_table_and_writes_bench_json_from_any_directory(
     report = json.loads(out.read_text())
     assert report["machine"]["cpu"] and report["machine"]["cores"] >= 1
     assert report["machine"]["torch_threads"] == 1
+    on = xla_cpu.speedup_on("onednn_convs") and onednn.available()
+    assert report["machine"]["onednn_convs"] == (onednn.version() if on else "off")
     assert {"jax", "torch", "torchvision"} <= set(report["machine"]["versions"])
     assert report["e2e"] is None and report["settings"]["steps"] == 2
     assert report["settings"]["round_seconds"] == 0.05 and report["settings"]["settle"] == 1

@@ -191,9 +191,10 @@ PLAIN_KERNEL_GRAD_MAX_CHANNELS = 32
 # rule, so under a data mesh of several devices XLA would gather each conv's operands onto all.
 ONEDNN_MIN_CHANNELS = 8
 # ... and at most this many: DenseNet-121's 3x3 128->32 convs, faster alone through oneDNN (forward
-# + kernel gradient 40.5 -> 33.4 ms), gave its step nothing in four paired runs (0.89x, 0.97x,
-# 0.99x, 1.06x; `bench.py --nets densenet121 --without onednn_convs`), so they keep the forms above.
-# The ResNets' steps, whose convs have 16-64, gain 1.3-1.6x.
+# + kernel gradient 40.5 -> 33.4 ms), gave its step no gain in four paired runs (0.89x, 0.97x,
+# 0.99x, 1.06x; `bench.py --nets densenet121 --without onednn_convs`; an A/B of two identical
+# programs measured 0.82x there), so they keep the forms above. The ResNets' steps, whose convs
+# have 16-64, gain 1.3-1.6x.
 ONEDNN_MAX_CHANNELS = 64
 
 

@@ -48,16 +48,14 @@ def local_runtime(prefix: Path | None = None) -> None:
     for what, ok in ((str(dnnl), dnnl.exists()), ("patchelf", patchelf is not None)):
         if not ok:
             raise FileNotFoundError(what)
-    gomp, here = _linked_gomp(dnnl), LIBRARY.parent
-    for src, dst in ((gomp, here / LOCAL_GOMP), (dnnl, here / LOCAL_DNNL)):
-        tmp = dst.with_name(dst.name + ".partial")
+    def patched_copy(src: Path, name: str, *edits: str) -> None:
+        tmp = LIBRARY.with_name(name + ".partial")  # renamed over the copy when done, as the extension
         shutil.copyfile(src, tmp)
-        if dst.name == LOCAL_GOMP:
-            subprocess.run([str(patchelf), "--set-soname", LOCAL_GOMP, str(tmp)], check=True)
-        else:
-            subprocess.run([str(patchelf), "--replace-needed", "libgomp.so.1", LOCAL_GOMP,
-                            "--set-rpath", "$ORIGIN", str(tmp)], check=True)
-        os.replace(tmp, dst)
+        subprocess.run([str(patchelf), *edits, str(tmp)], check=True)
+        os.replace(tmp, LIBRARY.with_name(name))
+
+    patched_copy(_linked_gomp(dnnl), LOCAL_GOMP, "--set-soname", LOCAL_GOMP)
+    patched_copy(dnnl, LOCAL_DNNL, "--replace-needed", "libgomp.so.1", LOCAL_GOMP, "--set-rpath", "$ORIGIN")
 
 
 def command(prefix: Path | None = None) -> list[str]:

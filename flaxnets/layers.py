@@ -282,7 +282,8 @@ class BlockStack(Sequential):
         head, tail = names[: self.scan_from], [getattr(self, n) for n in names[self.scan_from:]]
         for name in head:
             x = getattr(self, name)(x)
-        if not xla_cpu.speedup_on("scanned_stages") or len(tail) < max(self.scan_min, 2):
+        if (not xla_cpu.speedup_on("scanned_stages") or len(tail) < max(self.scan_min, 2)
+                or xla_cpu.unrolled_stage(len(tail))):
             for block in tail:
                 x = block(x)
             return x

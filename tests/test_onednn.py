@@ -12,10 +12,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
 from flaxnets import xla_cpu
 from flaxnets.xla_cpu import onednn, switch
 from flaxnets.xla_cpu.conv import _NHWC
+from flaxnets.xla_cpu.stages import UNROLLED_MAX_BLOCKS
 
 needs_onednn = pytest.mark.skipif(not onednn.available(), reason="the oneDNN extension is not built")
 
@@ -145,3 +147,26 @@ def test_without_the_library_xla_runs_and_says_so_once(onednn_on, monkeypatch):
         got = xla_cpu.conv_general_dilated(x, k, (1, 1), ((1, 1), (1, 1)), dimension_numbers=_NHWC)
     np.testing.assert_allclose(got, _lax(x, k, (1, 1), ((1, 1), (1, 1)), (1, 1)), rtol=1e-6)
     assert onednn.version() is None
+
+
+def _scans(blocks: int) -> bool:
+    """Whether a BlockStack of ``blocks`` identical 16-channel blocks after a first one scans them."""
+    from flaxnets.layers import BlockStack
+    from flaxnets.models.resnet_cifar import BasicBlock
+
+    rngs = nnx.Rngs(0)
+    stack = BlockStack(*(BasicBlock(16, 16, rngs=rngs) for _ in range(blocks + 1)), scan_from=1, scan_min=3)
+    graphdef, state = nnx.split(stack)
+    return "scan[" in str(jax.make_jaxpr(lambda s, x: nnx.merge(graphdef, s)(x))(state, jnp.ones((1, 8, 8, 16))))
+
+
+@needs_onednn
+def test_stages_run_unrolled_where_onednn_runs_their_convs(onednn_on):
+    """Up to UNROLLED_MAX_BLOCKS identical blocks run unrolled where oneDNN runs the convs; more of
+    them, XLA's convs or ``without("unrolled_stages")`` keep the scan."""
+    assert not _scans(UNROLLED_MAX_BLOCKS)
+    assert _scans(UNROLLED_MAX_BLOCKS + 1)
+    for off in ("unrolled_stages", "onednn_convs"):
+        with xla_cpu.without(off):
+            assert _scans(3)
+    assert not _scans(2)  # below the stack's own scan_min

@@ -43,10 +43,9 @@ def conv_general_dilated(lhs: Array, rhs: Array, window_strides: Sequence[int], 
     if (cpu_nhwc and speedup_on("pointwise_dots") and rhs.shape[:2] == (1, 1) and lhs_dil == (1, 1)
             and feature_group_count == 1 and pads == ((0, 0), (0, 0))):
         return _pointwise(lhs, rhs, strides, kw.get("precision"))
-    if (cpu_nhwc and speedup_on("onednn_convs") and lhs.dtype == rhs.dtype == jnp.float32
-            and lhs_dil == (1, 1) and feature_group_count == 1 and min(min(p) for p in pads) >= 0
-            and ONEDNN_MIN_CHANNELS < rhs.shape[2] <= ONEDNN_MAX_CHANNELS and jax.device_count() == 1
-            and onednn.available()):
+    if (cpu_nhwc and lhs.dtype == rhs.dtype == jnp.float32 and lhs_dil == (1, 1)
+            and feature_group_count == 1 and min(min(p) for p in pads) >= 0
+            and ONEDNN_MIN_CHANNELS < rhs.shape[2] <= ONEDNN_MAX_CHANNELS and onednn_convs_here()):
         return onednn.conv(lhs, rhs, strides, pads, rhs_dil)
     if cpu_nhwc and in_loop_body():
         if plain and rhs_dil == (1, 1):
@@ -66,6 +65,13 @@ def conv_general_dilated(lhs: Array, rhs: Array, window_strides: Sequence[int], 
                                                  kw.get("precision"), tap_sum, sliced, col2im, plain_dk))
     return jax.lax.conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation,
                                         dimension_numbers, feature_group_count, **kw)
+
+
+def onednn_convs_here() -> bool:
+    """Whether the program traced now runs its convs of ONEDNN_MIN/MAX_CHANNELS through oneDNN: the
+    CPU, one device (the custom calls carry no sharding rule), the speed-up on and its library built."""
+    return (jax.default_backend() == "cpu" and speedup_on("onednn_convs") and jax.device_count() == 1
+            and onednn.available())
 
 
 def _pointwise(x: Array, k: Array, strides: tuple[int, int], precision: Any) -> Array:

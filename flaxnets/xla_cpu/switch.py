@@ -23,6 +23,8 @@ SPEEDUPS = {
                           " conv with the images as its features",
     "batch_norm_grads": "CPU: the training-mode BatchNorm backward of 32 or more channels written out"
                         " (two reductions and one elementwise pass)",
+    "unrolled_stages": "CPU with oneDNN convs: stages of at most 17 identical blocks run unrolled, not"
+                       " scanned (stages.py)",
     "onednn_convs": "CPU: f32 NHWC convs (forward and both gradients) as XLA FFI custom calls into oneDNN"
                     " (onednn.py; XLA's own where the library is not built)",
 }

@@ -3,8 +3,8 @@
 Each layer of ``flaxnets.layers`` calls into this package at one place (convs through
 ``conv_general_dilated``, BatchNorm through ``batch_norm_train``, pools through ``pool``,
 ``BlockStack`` through ``unrolled_stage`` and ``loop_body``) and gets XLA's own form back off the
-CPU or where no rule applies. ``SPEEDUPS`` names every speed-up and ``without(...)`` turns some off while a step is
-traced, so a benchmark can measure each (``scripts/bench.py --without NAME``).
+CPU or where no rule applies. ``SPEEDUPS`` names every speed-up and ``without(...)`` turns some
+off while a step is traced, so a benchmark can measure each (``scripts/bench.py --without NAME``).
 """
 
 from flaxnets.xla_cpu.batch_norm import batch_norm_train

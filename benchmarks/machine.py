@@ -17,7 +17,8 @@ def machine_info() -> dict[str, Any]:
     import torch
 
     from flaxnets.host_malloc import active_malloc
-    from flaxnets.xla_cpu import onednn, switch
+    from flaxnets.xla_cpu import onednn
+    from flaxnets.xla_cpu.conv import onednn_convs_here
 
     model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                   if line.startswith("model name")), platform.processor())
@@ -35,5 +36,5 @@ def machine_info() -> dict[str, Any]:
             "XLA_FLAGS": os.environ.get("XLA_FLAGS", ""),
             "malloc": active_malloc(),  # both frameworks' allocator (flaxnets/host_malloc.py)
             # the version JAX's CPU convs of 9-64 channels ran through (onednn_convs), or "off"
-            "onednn_convs": (onednn.version() or "off") if switch.speedup_on("onednn_convs") else "off",
+            "onednn_convs": onednn.version() if onednn_convs_here() else "off",
             "versions": versions}
